@@ -1,0 +1,83 @@
+"""How a question becomes a prompt, and a QA pair becomes training tokens.
+
+One place for the prompt format so that training, code statistics, generation and every metric
+see exactly the same token sequence for the same question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+PLAIN_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+def build_prompt(tokenizer, question: str) -> str:
+    """The model's own chat template where it has one (TOFU's protocol), a plain QA frame otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+        )
+    return PLAIN_PROMPT_TEMPLATE.format(question=question)
+
+
+def answer_text(answer: str) -> str:
+    # A leading space keeps the answer's first word a word-initial token for BPE tokenizers.
+    return " " + answer.strip()
+
+
+@dataclass(frozen=True)
+class EncodedQA:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX on prompt tokens: the loss sees answer tokens only
+
+    @property
+    def prompt_length(self) -> int:
+        return sum(1 for label in self.labels if label == IGNORE_INDEX)
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    ids = tokenizer(build_prompt(tokenizer, question), add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if bos is not None and (not ids or ids[0] != bos) and not getattr(tokenizer, "chat_template", None):
+        ids = [bos, *ids]
+    return ids
+
+
+def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> EncodedQA:
+    """Prompt tokens then answer tokens then EOS, truncated to max_length; labels on the answer only."""
+    prompt_ids = encode_prompt(tokenizer, question)
+    answer_ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        answer_ids = [*answer_ids, tokenizer.eos_token_id]
+    input_ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    return EncodedQA(input_ids=input_ids, labels=labels)
+
+
+def pad_batch(encoded: Sequence[EncodedQA], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded tensors: input_ids, labels (IGNORE_INDEX on padding) and attention_mask."""
+    width = max(len(e.input_ids) for e in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, item in enumerate(encoded):
+        n = len(item.input_ids)
+        input_ids[row, :n] = torch.tensor(item.input_ids)
+        labels[row, :n] = torch.tensor(item.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def left_pad_prompts(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt batch for generation, so every row's next token is at the same column."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
