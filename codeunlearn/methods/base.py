@@ -19,6 +19,7 @@ from torch import nn
 class UnlearnResult:
     model: nn.Module
     stats: dict[str, float | int | str] = field(default_factory=dict)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # method-specific outputs to persist (e.g. a mask)
 
 
 class UnlearningMethod(ABC):

@@ -1,0 +1,52 @@
+"""Evaluation metrics: one plain function per metric, named in METRICS.
+
+Keys are ``<family>.<metric>`` so that same-named metrics of different benchmarks cannot collide
+(MUSE's AUC orientation is the complement of the generic MIA AUC). Adding a metric is one function
+in its family's module plus one line here, as open-unlearning's metric registry does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from codeunlearn.metrics import mia, muse, quantization, tofu
+
+METRICS: dict[str, Callable[..., Any]] = {
+    # TOFU
+    "tofu.rouge_l_recall": tofu.rouge_l_recall,
+    "tofu.answer_probability": tofu.answer_probability,
+    "tofu.truth_ratio": tofu.truth_ratio,
+    "tofu.forget_truth_ratio_stat": tofu.forget_truth_ratio_stat,
+    "tofu.retain_truth_ratio_stat": tofu.retain_truth_ratio_stat,
+    "tofu.forget_quality": tofu.forget_quality,
+    "tofu.normalized_probability": tofu.normalized_probability,
+    "tofu.model_utility": tofu.model_utility,
+    "tofu.evaluate_split": tofu.evaluate_tofu_split,
+    # MUSE
+    "muse.rouge_l_f1": muse.rouge_l_f1,
+    "muse.verbmem_rouge": muse.verbmem_rouge,
+    "muse.knowmem_rouge": muse.knowmem_rouge,
+    "muse.min_k_prob_score": muse.min_k_prob_score,
+    "muse.mia_auc": muse.mia_auc,
+    "muse.privleak_auc": muse.privleak_auc,
+    "muse.privleak": muse.privleak,
+    "muse.scalability_table": muse.scalability_table,
+    "muse.sustainability_table": muse.sustainability_table,
+    # Membership inference
+    "mia.loss_attack": mia.loss_attack,
+    "mia.min_k_attack": mia.min_k_attack,
+    "mia.mia_auc": mia.mia_auc,
+    "mia.forget_holdout_auc": mia.forget_holdout_auc,
+    # Quantization attack
+    "quantization.recovery": quantization.recovery,
+}
+
+
+def get_metric(name: str) -> Callable[..., Any]:
+    if name not in METRICS:
+        raise KeyError(f"unknown metric {name!r}; known metrics: {', '.join(sorted(METRICS))}")
+    return METRICS[name]
+
+
+__all__ = ["METRICS", "get_metric", "mia", "muse", "quantization", "tofu"]

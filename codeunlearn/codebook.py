@@ -1,0 +1,177 @@
+"""The discrete codebook bottleneck (Tamkin et al.'s codebook features, as used by CodeUnlearn).
+
+Every token's residual-stream vector is replaced by the sum of the k codes most cosine-similar to
+it, so all information downstream of the chosen block flows through a small set of discrete ids.
+Disabling a code sets its similarity to -inf before top-k, so the next-nearest code takes its
+place (codebook-features' ``keep_k_codes=True``); the mask is a buffer, never a weight change.
+
+The bottleneck attaches to any Hugging Face decoder-only model with a forward hook on one decoder
+block; transformers' internals are never copied or patched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+@dataclass(frozen=True)
+class CodebookSpec:
+    num_codes: int
+    k: int
+    layer: int
+    use_layernorm: bool = True
+    combine: str = "sum"  # "sum" (CodeUnlearn) or "mean" (codebook-features' snap output)
+
+
+class CodebookBottleneck(nn.Module):
+    def __init__(self, dim: int, spec: CodebookSpec) -> None:
+        super().__init__()
+        if spec.k > spec.num_codes:
+            raise ValueError(f"k={spec.k} exceeds num_codes={spec.num_codes}")
+        if spec.combine not in ("sum", "mean"):
+            raise ValueError(f"combine must be 'sum' or 'mean', got {spec.combine!r}")
+        self.spec = spec
+        self.dim = dim
+        self.codes = nn.Parameter(torch.randn(spec.num_codes, dim) / dim**0.5)
+        self.norm = nn.LayerNorm(dim) if spec.use_layernorm else nn.Identity()
+        self.register_buffer("disabled", torch.zeros(spec.num_codes, dtype=torch.bool), persistent=False)
+        # Per-code selection counts since the last reset: drives dead-code revival and live-code metrics.
+        self.register_buffer("usage", torch.zeros(spec.num_codes, dtype=torch.long), persistent=False)
+        self.last_ids: torch.Tensor | None = None
+        self.last_input: torch.Tensor | None = None
+        self.reconstruction_loss = torch.tensor(0.0)
+        self.code_l1 = torch.tensor(0.0)
+
+    def similarities(self, normed: torch.Tensor) -> torch.Tensor:
+        sims = F.normalize(normed, dim=-1) @ F.normalize(self.codes, dim=-1).T
+        return sims.masked_fill(self.disabled, float("-inf"))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        normed = self.norm(hidden)
+        ids = self.similarities(normed).topk(self.spec.k, dim=-1).indices
+        chosen = F.embedding(ids, self.codes)
+        quantized = chosen.sum(-2) if self.spec.combine == "sum" else chosen.mean(-2)
+        # Straight-through: the forward value is the codes, the gradient reaches the input unchanged,
+        # and the codes still receive the downstream gradient through `quantized`.
+        output = quantized + (normed - normed.detach())
+        self.reconstruction_loss = (quantized - normed.detach()).pow(2).mean()
+        self.code_l1 = chosen.abs().sum(-1).mean()
+        self.last_ids = ids.detach()
+        self.last_input = normed.detach()
+        if self.training:
+            self.usage += torch.bincount(ids.reshape(-1), minlength=self.spec.num_codes)
+        return output.to(hidden.dtype)
+
+    @torch.no_grad()
+    def init_from_activations(self, activations: torch.Tensor, generator: torch.Generator) -> None:
+        """Seed every code with a real (normalised) activation so no code starts out of reach."""
+        normed = self.norm(activations.reshape(-1, self.dim))
+        picks = torch.randint(0, normed.shape[0], (self.spec.num_codes,), generator=generator)
+        scale = 1.0 if self.spec.combine == "mean" else 1.0 / self.spec.k
+        self.codes.copy_(normed[picks] * scale)
+
+    @torch.no_grad()
+    def revive_dead_codes(self, generator: torch.Generator, noise: float) -> int:
+        """Re-seed codes unused since the last call from the latest activations; returns how many."""
+        dead = (self.usage == 0) & ~self.disabled
+        n_dead = int(dead.sum())
+        if n_dead and self.last_input is not None:
+            pool = self.last_input.reshape(-1, self.dim)
+            picks = torch.randint(0, pool.shape[0], (n_dead,), generator=generator)
+            scale = 1.0 if self.spec.combine == "mean" else 1.0 / self.spec.k
+            fresh = pool[picks] * scale
+            fresh = fresh + noise * fresh.norm(dim=-1, keepdim=True) * torch.randn(
+                fresh.shape, generator=generator
+            ) / self.dim**0.5
+            self.codes[dead] = fresh.to(self.codes.dtype)
+        self.usage.zero_()
+        return n_dead
+
+    def live_codes(self) -> int:
+        return int((self.usage > 0).sum())
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of a Hugging Face causal LM, whatever the architecture calls it."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        module: nn.Module | None = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
+
+
+def _replace_hidden(output, bottleneck: CodebookBottleneck):
+    if isinstance(output, torch.Tensor):
+        return bottleneck(output)
+    return (bottleneck(output[0]), *output[1:])
+
+
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, CodebookBottleneck] = weakref.WeakKeyDictionary()
+
+
+def attached_codebook(model: nn.Module) -> CodebookBottleneck | None:
+    """The bottleneck ``attach_codebook`` routed this model through, if any."""
+    return _ATTACHED.get(model)
+
+
+def attach_codebook(model: nn.Module, bottleneck: CodebookBottleneck) -> RemovableHandle:
+    """Route the residual stream after block ``spec.layer`` through the bottleneck (nothing bypasses it)."""
+    layers = decoder_layers(model)
+    layer = bottleneck.spec.layer
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"codebook layer {layer} out of range: the model has {len(layers)} blocks")
+    handle = layers[layer].register_forward_hook(
+        lambda _module, _args, output: _replace_hidden(output, bottleneck)
+    )
+    _ATTACHED[model] = bottleneck
+    return handle
+
+
+def codebook_sha256(bottleneck: CodebookBottleneck) -> str:
+    """Identity of a trained codebook: its spec and weights; the disabled mask is deliberately excluded."""
+    digest = hashlib.sha256(json.dumps(asdict(bottleneck.spec), sort_keys=True).encode())
+    for name, tensor in sorted(bottleneck.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+CODEBOOK_WEIGHTS = "codebook.safetensors"
+CODEBOOK_SPEC = "codebook.json"
+
+
+def save_codebook(bottleneck: CodebookBottleneck, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in bottleneck.state_dict().items()}
+    save_file(tensors, str(out_dir / CODEBOOK_WEIGHTS))
+    sha = codebook_sha256(bottleneck)
+    meta = {"spec": asdict(bottleneck.spec), "dim": bottleneck.dim, "sha256": sha}
+    (out_dir / CODEBOOK_SPEC).write_text(json.dumps(meta, indent=2))
+    return sha
+
+
+def load_codebook(directory: Path) -> CodebookBottleneck:
+    spec_path = directory / CODEBOOK_SPEC
+    if not spec_path.exists():
+        raise FileNotFoundError(f"{spec_path}: no codebook spec (expected {CODEBOOK_SPEC} next to the weights)")
+    meta = json.loads(spec_path.read_text())
+    bottleneck = CodebookBottleneck(meta["dim"], CodebookSpec(**meta["spec"]))
+    bottleneck.load_state_dict(load_file(str(directory / CODEBOOK_WEIGHTS)))
+    if codebook_sha256(bottleneck) != meta["sha256"]:
+        raise ValueError(f"{directory / CODEBOOK_WEIGHTS}: weights do not match the sha256 in {spec_path}")
+    return bottleneck
+

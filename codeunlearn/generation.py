@@ -1,0 +1,258 @@
+"""Greedy generation and teacher-forced scoring: the two model calls every metric is built from.
+
+All functions put the model in eval mode under ``torch.inference_mode()`` and restore its previous
+training flag afterwards, so a metric can be called in the middle of a training loop. Decoding is
+greedy with a fresh ``GenerationConfig`` (no sampling, one beam, no repetition penalty), so a
+checkpoint's own generation defaults cannot change a metric. Batches are left-padded for
+generation (every row's next token sits in the same column; ``generate`` derives position ids
+from the attention mask) and right-padded for scoring, and results do not depend on the batch size
+beyond float rounding.
+
+Deviation from the references: muse_bench and legacy TOFU generate one prompt at a time; here
+prompts are batched. Greedy answers equal the unbatched ones unless two logits tie to within float
+rounding (tested: batch 1 and batch 4 give identical answers on a tiny Llama).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import GenerationConfig
+
+from codeunlearn.prompting import IGNORE_INDEX, encode_prompt, encode_qa, left_pad_prompts, pad_batch
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no autograd for the duration; the caller's training flag comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _require_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (as open-unlearning pads generation with EOS)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
+
+
+def _eos_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    # Chat checkpoints often end turns with a token the tokenizer does not call EOS (and vice
+    # versa); stopping on either keeps the answer to the model's own turn.
+    ids: list[int] = []
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for candidate in (tokenizer.eos_token_id, config_eos):
+        if candidate is None:
+            continue
+        for token in candidate if isinstance(candidate, list | tuple) else [candidate]:
+            if token not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def _batches(n: int, batch_size: int, progress: bool, desc: str) -> Iterator[range]:
+    starts = range(0, n, batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, total=len(starts)):
+        yield range(start, min(start + batch_size, n))
+
+
+def generate_from_ids(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "generating",
+) -> list[str]:
+    """Greedy continuations of already-tokenized prompts, decoded without special tokens (not stripped)."""
+    _require_positive(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("cannot generate from an empty prompt (no BOS and no text)")
+    pad_id = pad_token_id(tokenizer)
+    eos_ids = _eos_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids or None,
+    )
+    device = _device(model)
+    texts: list[str] = []
+    with evaluating(model):
+        for rows in _batches(len(prompts), batch_size, progress, desc):
+            batch = left_pad_prompts([prompts[i] for i in rows], pad_id)
+            width = batch["input_ids"].shape[1]
+            output = model.generate(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+                generation_config=config,
+            )
+            # Both TOFU and MUSE decode with clean_up_tokenization_spaces=True.
+            texts.extend(
+                tokenizer.batch_decode(
+                    output[:, width:], skip_special_tokens=True, clean_up_tokenization_spaces=True
+                )
+            )
+    return texts
+
+
+def generate_answers(
+    model: nn.Module,
+    tokenizer,
+    questions: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy answers to questions in the project's prompt format (``prompting.encode_prompt``), stripped.
+
+    TOFU's protocol: the chat template where the tokenizer has one; TOFU generates up to 200 new tokens.
+    """
+    prompts = [encode_prompt(tokenizer, question) for question in questions]
+    answers = generate_from_ids(model, tokenizer, prompts, max_new_tokens, batch_size, progress, "answering")
+    return [answer.strip() for answer in answers]
+
+
+def truncate_at_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """Keep the text before the first occurrence of each stop string, applied in order (muse_bench's
+    ``get_prefix_before_words_occur``)."""
+    for stop in stop_strings:
+        text = text.split(stop)[0]
+    return text
+
+
+def encode_raw(tokenizer, text: str, add_bos: bool) -> list[int]:
+    """Token ids of raw text with no chat template; BOS first when asked and the tokenizer has one.
+
+    Mirrors ``tokenizer(text, add_special_tokens=True)`` for Llama-style tokenizers (what muse_bench
+    calls) without depending on whether a given tokenizer's post-processor adds BOS.
+    """
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    if add_bos and bos is not None and (not ids or ids[0] != bos):
+        ids = [bos, *ids]
+    return ids
+
+
+def generate_continuations(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    add_bos: bool = True,
+    stop_strings: Sequence[str] = (),
+    progress: bool = False,
+) -> list[str]:
+    """Greedy continuations of raw prompts (MUSE VerbMem / KnowMem), cut at ``stop_strings``.
+
+    As in muse_bench the text is neither stripped nor re-formatted; ROUGE's tokenizer ignores the
+    surrounding whitespace anyway.
+    """
+    ids = [encode_raw(tokenizer, prompt, add_bos) for prompt in prompts]
+    texts = generate_from_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress, "continuing")
+    return [truncate_at_stop_strings(text, stop_strings) for text in texts]
+
+
+def _token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) for every position: shape (batch, seq - 1), float32."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def answer_token_nll(
+    model: nn.Module,
+    tokenizer,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    max_length: int,
+    progress: bool = False,
+) -> list[float]:
+    """Mean NLL over the answer tokens (EOS included) of each (question, answer), teacher-forced.
+
+    TOFU's ``avg_gt_loss``: summed token cross-entropy on the labelled tokens divided by their count,
+    on the same token sequence training sees (``prompting.encode_qa``).
+    """
+    _require_positive(batch_size=batch_size, max_length=max_length)
+    encoded = [encode_qa(tokenizer, question, answer, max_length) for question, answer in pairs]
+    for index, item in enumerate(encoded):
+        if all(label == IGNORE_INDEX for label in item.labels):
+            raise ValueError(
+                f"pair {index}: no answer token survives max_length={max_length} "
+                f"(prompt is {item.prompt_length} tokens); raise max_length"
+            )
+    device = _device(model)
+    pad_id = pad_token_id(tokenizer)
+    nlls: list[float] = []
+    with evaluating(model):
+        for rows in _batches(len(encoded), batch_size, progress, "scoring answers"):
+            batch = pad_batch([encoded[i] for i in rows], pad_id)
+            input_ids = batch["input_ids"].to(device)
+            labels = batch["labels"][:, 1:].to(device)
+            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device))
+            answer = labels != IGNORE_INDEX
+            summed = -(logprobs * answer).sum(dim=1)
+            nlls.extend((summed / answer.sum(dim=1)).tolist())
+    return nlls
+
+
+def text_token_logprobs(
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    add_bos: bool = True,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """Per-token log-probabilities of raw texts (every token after the first), for Min-K% / LOSS MIAs.
+
+    muse_bench's ``compute_ppl``: the text is encoded with BOS and each token after it is scored.
+    Texts longer than ``max_length`` tokens are cut (muse_bench scores whole texts; set max_length to
+    the model's context length to match it).
+    """
+    _require_positive(batch_size=batch_size, max_length=max_length)
+    encoded = [encode_raw(tokenizer, text, add_bos)[:max_length] for text in texts]
+    for index, ids in enumerate(encoded):
+        if len(ids) < 2:
+            raise ValueError(f"text {index}: needs at least two tokens to score one, got {len(ids)}")
+    device = _device(model)
+    pad_id = pad_token_id(tokenizer)
+    out: list[torch.Tensor] = []
+    with evaluating(model):
+        for rows in _batches(len(encoded), batch_size, progress, "scoring texts"):
+            chunk = [encoded[i] for i in rows]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, ids in enumerate(chunk):
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+                attention_mask[row, : len(ids)] = 1
+            logprobs = _token_logprobs(model, input_ids.to(device), attention_mask.to(device)).cpu()
+            out.extend(logprobs[row, : len(ids) - 1] for row, ids in enumerate(chunk))
+    # Cloned outside inference mode so callers get ordinary tensors they may modify in place.
+    return [tensor.clone() for tensor in out]

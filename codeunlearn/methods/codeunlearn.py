@@ -1,0 +1,50 @@
+"""CodeUnlearn (Wu, Dossou, Liu 2024): disable the codes that fire significantly more on the forget set.
+
+Zero-shot: forward passes and a chi-squared test, no gradient step. The model must already carry a
+trained codebook (``attach_codebook``); the edit is a mask on that codebook, so it is reversible
+with ``masking.unmask`` and cumulative across requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from codeunlearn.codebook import attached_codebook
+from codeunlearn.masking import SelectionSpec, apply_mask, select_mask
+from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
+
+
+@register_method
+class CodeUnlearn(UnlearningMethod):
+    name = "codeunlearn"
+
+    def unlearn(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        forget: Sequence[Any],
+        retain: Sequence[Any],
+        params: Mapping[str, Any],
+    ) -> UnlearnResult:
+        bottleneck = attached_codebook(model)
+        if bottleneck is None:
+            raise ValueError("codeunlearn needs a model with an attached codebook; run train_codebook first")
+        started = time.perf_counter()
+        spec = SelectionSpec(**{name: params[name] for name in SelectionSpec.__dataclass_fields__})
+        control = params.get("control_records") or retain
+        mask, _ = select_mask(model, bottleneck, tokenizer, forget, control, spec, dict(params.get("provenance", {})))
+        apply_mask(bottleneck, mask)
+        return UnlearnResult(
+            model=model,
+            stats={
+                "disabled_codes": len(mask.disabled_ids),
+                "total_disabled_codes": int(bottleneck.disabled.sum()),
+                "enriched_codes": mask.provenance["enriched_codes"],
+                "select_s": time.perf_counter() - started,
+            },
+            artifacts={"mask": mask},
+        )

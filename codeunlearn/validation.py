@@ -1,0 +1,449 @@
+"""Great Expectations suite that stops an unlearning request before any model work.
+
+One suite per split (forget, retain) runs on a pandas frame built from the records:
+
+* schema: the required columns exist; id/question/answer are present (not null), of type str and
+  non-blank; ids are unique within the split;
+* bounds: question and answer lengths, forget size in [min_forget, max_forget], retain size >= min_retain;
+* leakage: no normalised question (casefolded, whitespace collapsed) and no id of this split occurs in the
+  other split. Each split's frame is checked against the other's values (a set-membership expectation),
+  so GX reports the offending rows directly in each split's own row index. A uniqueness check over one
+  combined frame would also fire on repeats inside one split, which are not leakage (TOFU's full.json asks
+  "What is the full name of the author?" of two authors that usually both land in retain);
+* subject coverage: all-or-none on forget. If any forget record names a subject, every one must (a
+  partially labelled forget set is a data error); a generic JSONL forget set without subjects passes.
+
+Odd values (an int answer, a list, NaN) never crash the suite: each text field is split into a text
+column (str or null) and a ``<field>_type`` column (the value's type name) that the type check runs on.
+
+The report never carries raw question/answer text: only expectation names, columns, row numbers, counts
+and type names. Great Expectations is imported lazily because its import alone takes seconds.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+REQUIRED_COLUMNS = ("id", "question", "answer", "subject")
+TEXT_COLUMNS = ("id", "question", "answer")
+NORMALIZED_QUESTION = "question_normalized"
+SPLIT_NAMES = ("forget", "retain")
+ROWS_SHOWN = 10  # rows listed per failure in the error message; the report keeps them all
+_NON_BLANK = r"\S"
+_TYPE_SUFFIX = "_type"
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class ValidationBounds:
+    min_forget: int
+    max_forget: int
+    min_retain: int
+    min_question_chars: int
+    max_question_chars: int
+    min_answer_chars: int
+    max_answer_chars: int
+
+    def __post_init__(self) -> None:
+        pairs = {
+            "forget size": (self.min_forget, self.max_forget),
+            "question chars": (self.min_question_chars, self.max_question_chars),
+            "answer chars": (self.min_answer_chars, self.max_answer_chars),
+        }
+        for name, (low, high) in pairs.items():
+            if low < 0 or high < low:
+                raise ValueError(f"ValidationBounds {name}: need 0 <= min <= max, got [{low}, {high}]")
+        if self.min_retain < 0:
+            raise ValueError(f"ValidationBounds min_retain must be >= 0, got {self.min_retain}")
+
+
+@dataclass
+class ExpectationFailure:
+    expectation: str
+    split: str
+    column: str | None
+    rows: list[int]
+    detail: str
+
+
+@dataclass
+class ValidationReport:
+    success: bool
+    statistics: dict
+    failures: list[ExpectationFailure]
+    # Every evaluated expectation (name, split, column, success, unexpected count): the data docs table.
+    checks: list[dict] = field(default_factory=list)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable; no raw question/answer text (only names, row numbers, counts)."""
+        return {
+            "source": self.source,
+            "success": self.success,
+            "statistics": dict(self.statistics),
+            "failures": [asdict(f) for f in self.failures],
+            "checks": [dict(c) for c in self.checks],
+        }
+
+    def to_html(self) -> str:
+        """A small self-contained HTML page of the results (our data docs); no raw text."""
+        return _render_html(self)
+
+
+class ForgetSetValidationError(ValueError):
+    """The forget/retain sets failed validation; ``report`` holds the full ValidationReport."""
+
+    def __init__(self, report: ValidationReport, source: str) -> None:
+        self.report = report
+        self.source = source
+        super().__init__(describe_failures(report, source))
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def _field_value(record: Any, name: str) -> Any:
+    if isinstance(record, Mapping):
+        return record.get(name, _ABSENT)
+    return getattr(record, name, _ABSENT)
+
+
+def _is_missing(value: Any) -> bool:
+    return value is _ABSENT or value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _type_name(value: Any) -> str | None:
+    return None if _is_missing(value) else type(value).__name__
+
+
+def normalize_question(question: str) -> str:
+    """The leakage key: casefolded, whitespace collapsed."""
+    return " ".join(question.casefold().split())
+
+
+def _frame(records: Sequence[Any]) -> pd.DataFrame:
+    """Text columns hold str or null only, so GX string expectations never see odd objects; the
+    value's type goes to ``<field>_type``. A field absent from every record gets no column."""
+    columns: dict[str, list] = {}
+    for name in REQUIRED_COLUMNS:
+        values = [_field_value(r, name) for r in records]
+        if values and all(v is _ABSENT for v in values):
+            continue
+        columns[name] = [v if isinstance(v, str) else None for v in values]
+        columns[name + _TYPE_SUFFIX] = [_type_name(v) for v in values]
+    if "question" in columns:
+        columns[NORMALIZED_QUESTION] = [q if q is None else normalize_question(q) for q in columns["question"]]
+    return pd.DataFrame(columns, index=pd.RangeIndex(len(records)), dtype=object)
+
+
+def _values(frame: pd.DataFrame, column: str) -> list[str]:
+    if column not in frame:
+        return []
+    return sorted({v for v in frame[column] if isinstance(v, str)})
+
+
+def _has_any_subject(frame: pd.DataFrame) -> bool:
+    return "subject" in frame and any(isinstance(s, str) and s.strip() for s in frame["subject"])
+
+
+# --------------------------------------------------------------------------- expectations
+
+
+def _meta(column: str | None, detail: str, safe_values: bool = False) -> dict:
+    # safe_values: the unexpected values are type names, not data, so the report may show them.
+    return {"column": column, "detail": detail, "safe_values": safe_values}
+
+
+def _text_expectations(gxe: Any, frame: pd.DataFrame) -> list:
+    out = []
+    for name in TEXT_COLUMNS:
+        if name not in frame:
+            continue
+        type_column = name + _TYPE_SUFFIX
+        out += [
+            gxe.ExpectColumnValuesToNotBeNull(column=type_column, meta=_meta(name, "value missing or null")),
+            gxe.ExpectColumnValuesToBeInSet(
+                column=type_column, value_set=["str"], meta=_meta(name, "value is not a string", True)
+            ),
+            gxe.ExpectColumnValuesToMatchRegex(column=name, regex=_NON_BLANK, meta=_meta(name, "empty or blank")),
+        ]
+    if "subject" in frame:
+        out.append(
+            gxe.ExpectColumnValuesToBeInSet(
+                column="subject" + _TYPE_SUFFIX,
+                value_set=["str"],
+                meta=_meta("subject", "not a string", True),
+            )
+        )
+    if "id" in frame:
+        out.append(gxe.ExpectColumnValuesToBeUnique(column="id", meta=_meta("id", "duplicate id in this split")))
+    return out
+
+
+def _length_expectations(gxe: Any, frame: pd.DataFrame, bounds: ValidationBounds) -> list:
+    limits = {
+        "question": (bounds.min_question_chars, bounds.max_question_chars),
+        "answer": (bounds.min_answer_chars, bounds.max_answer_chars),
+    }
+    return [
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column=name,
+            min_value=low,
+            max_value=high,
+            meta=_meta(name, f"length outside [{low}, {high}] chars"),
+        )
+        for name, (low, high) in limits.items()
+        if name in frame
+    ]
+
+
+def _size_expectation(gxe: Any, split: str, bounds: ValidationBounds) -> Any:
+    if split == "forget":
+        low, high = bounds.min_forget, bounds.max_forget
+    else:
+        low, high = bounds.min_retain, None
+    return gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high, meta=_meta(None, f"{split} size"))
+
+
+def _leakage_expectations(gxe: Any, frame: pd.DataFrame, other: pd.DataFrame, other_split: str) -> list:
+    out = []
+    for column, source in ((NORMALIZED_QUESTION, "question"), ("id", "id")):
+        value_set = _values(other, column)
+        # GX rejects an empty value_set; with nothing on the other side there is nothing to leak.
+        if column in frame and value_set:
+            detail = f"{source} also in {other_split} (leakage)"
+            out.append(
+                gxe.ExpectColumnValuesToNotBeInSet(column=column, value_set=value_set, meta=_meta(source, detail))
+            )
+    return out
+
+
+def _subject_expectations(gxe: Any, frame: pd.DataFrame) -> list:
+    if not _has_any_subject(frame):
+        return []
+    detail = "forget record without a subject while others have one"
+    return [
+        gxe.ExpectColumnValuesToNotBeNull(column="subject", meta=_meta("subject", detail)),
+        gxe.ExpectColumnValuesToMatchRegex(column="subject", regex=_NON_BLANK, meta=_meta("subject", detail)),
+    ]
+
+
+def _suite_expectations(
+    gxe: Any, split: str, frame: pd.DataFrame, other: pd.DataFrame, bounds: ValidationBounds
+) -> list:
+    other_split = next(s for s in SPLIT_NAMES if s != split)
+    columns = gxe.ExpectTableColumnsToMatchSet(
+        column_set=list(REQUIRED_COLUMNS), exact_match=False, meta=_meta(None, "required columns")
+    )
+    expectations = [columns, _size_expectation(gxe, split, bounds)]
+    expectations += _text_expectations(gxe, frame) + _length_expectations(gxe, frame, bounds)
+    expectations += _leakage_expectations(gxe, frame, other, other_split)
+    if split == "forget":
+        expectations += _subject_expectations(gxe, frame)
+    # GX returns results in its own order; this restores ours for a stable report.
+    for position, expectation in enumerate(expectations):
+        expectation.meta = {**expectation.meta, "order": position}
+    return expectations
+
+
+# --------------------------------------------------------------------------- running GX
+
+
+def _batch_definition(gx: Any) -> Any:
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    # In-memory stores, no temp docs site, no analytics, no tqdm bars: creating this costs milliseconds.
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        analytics_enabled=False,
+        progress_bars=ProgressBarsConfig(globally=False),
+    )
+    context = gx.get_context(mode="ephemeral", project_config=config)
+    asset = context.data_sources.add_pandas("records").add_dataframe_asset("split")
+    return asset.add_batch_definition_whole_dataframe("whole")
+
+
+def _run_suite(gx: Any, batch_definition: Any, split: str, frame: pd.DataFrame, expectations: list) -> Any:
+    suite = gx.ExpectationSuite(name=f"{split}_records", expectations=expectations)
+    batch = batch_definition.get_batch(batch_parameters={"dataframe": frame})
+    return batch.validate(suite, result_format="COMPLETE")
+
+
+def _raised(result: Any) -> bool:
+    info = result.exception_info or {}
+    if "raised_exception" in info:
+        return bool(info["raised_exception"])
+    return any(isinstance(v, dict) and v.get("raised_exception") for v in info.values())
+
+
+def _rows(result: Any) -> list[int]:
+    return sorted(int(i) for i in (result.result or {}).get("unexpected_index_list") or [])
+
+
+def _detail(result: Any) -> str:
+    meta = result.expectation_config.meta or {}
+    detail = meta.get("detail", "")
+    outcome = result.result or {}
+    if _raised(result):
+        # The exception text is left out: pandas messages may quote the offending value.
+        return f"{detail}: expectation could not be evaluated"
+    if "observed_value" in outcome and result.expectation_config.type == "expect_table_row_count_to_be_between":
+        kwargs = result.expectation_config.kwargs
+        return f"{detail}: {outcome['observed_value']} rows, expected [{kwargs.get('min_value')}, {kwargs.get('max_value')}]"
+    missing = (outcome.get("details") or {}).get("mismatched", {}).get("missing")
+    if missing:
+        return f"{detail}: missing column(s) {', '.join(sorted(missing))}"
+    counted = f"{detail}: {outcome.get('unexpected_count', 0)} of {outcome.get('element_count', 0)} rows"
+    if meta.get("safe_values"):
+        counted += f" (found {', '.join(sorted({str(v) for v in outcome.get('partial_unexpected_list') or []}))})"
+    return counted
+
+
+def _order(result: Any) -> int:
+    return int((result.expectation_config.meta or {}).get("order", 0))
+
+
+def _check(result: Any, split: str) -> dict:
+    meta = result.expectation_config.meta or {}
+    return {
+        "expectation": result.expectation_config.type,
+        "split": split,
+        "column": meta.get("column"),
+        "success": bool(result.success),
+        "unexpected_count": int((result.result or {}).get("unexpected_count") or 0),
+    }
+
+
+def _failure(result: Any, split: str) -> ExpectationFailure:
+    meta = result.expectation_config.meta or {}
+    return ExpectationFailure(
+        expectation=result.expectation_config.type,
+        split=split,
+        column=meta.get("column"),
+        rows=_rows(result),
+        detail=_detail(result),
+    )
+
+
+def _statistics(suite_results: Mapping[str, Any], frames: Mapping[str, pd.DataFrame]) -> dict:
+    keys = ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations")
+    stats: dict[str, Any] = {k: sum(int(r.statistics.get(k) or 0) for r in suite_results.values()) for k in keys}
+    evaluated = stats["evaluated_expectations"]
+    stats["success_percent"] = 100.0 * stats["successful_expectations"] / evaluated if evaluated else None
+    for split, frame in frames.items():
+        subjects = [s for s in frame.get("subject", []) if isinstance(s, str) and s.strip()]
+        stats[f"{split}_records"] = len(frame)
+        stats[f"{split}_subjects"] = len(set(subjects))
+        stats[f"{split}_records_with_subject"] = len(subjects)
+    return stats
+
+
+def validate_forget_retain(
+    forget: Sequence[Any], retain: Sequence[Any], bounds: ValidationBounds, source: str = "forget set"
+) -> ValidationReport:
+    """Run the forget/retain suite. Records are QARecords (or mappings with the same fields).
+
+    Never raises on bad data: every problem is a failure in the report. Use ``require_valid`` to stop.
+    """
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    frames = {"forget": _frame(forget), "retain": _frame(retain)}
+    batch_definition = _batch_definition(gx)
+    suite_results, checks, failures = {}, [], []
+    for split in SPLIT_NAMES:
+        other = frames[next(s for s in SPLIT_NAMES if s != split)]
+        expectations = _suite_expectations(gxe, split, frames[split], other, bounds)
+        suite_results[split] = _run_suite(gx, batch_definition, split, frames[split], expectations)
+        for result in sorted(suite_results[split].results, key=_order):
+            checks.append(_check(result, split))
+            if not result.success:
+                failures.append(_failure(result, split))
+    return ValidationReport(
+        success=all(r.success for r in suite_results.values()),
+        statistics=_statistics(suite_results, frames),
+        failures=failures,
+        checks=checks,
+        source=source,
+    )
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _rows_text(rows: Sequence[int]) -> str:
+    if not rows:
+        return "n/a"
+    shown = ", ".join(str(r) for r in rows[:ROWS_SHOWN])
+    extra = len(rows) - ROWS_SHOWN
+    return f"[{shown}{f', ... and {extra} more' if extra > 0 else ''}]"
+
+
+def describe_failures(report: ValidationReport, source: str) -> str:
+    """One line per failed expectation: split, expectation, column, rows (0-based), detail."""
+    stats = report.statistics
+    lines = [
+        f"{source} failed validation ({stats.get('unsuccessful_expectations', len(report.failures))} of "
+        f"{stats.get('evaluated_expectations', '?')} expectations failed):"
+    ]
+    for f in report.failures:
+        column = f" column '{f.column}'" if f.column else ""
+        lines.append(f"  - {f.split}: {f.expectation}{column} rows {_rows_text(f.rows)}: {f.detail}")
+    return "\n".join(lines)
+
+
+def require_valid(report: ValidationReport, source: str) -> None:
+    """Raise ForgetSetValidationError (naming every failed expectation) unless the report passed."""
+    if not report.success:
+        raise ForgetSetValidationError(report, source)
+
+
+_STYLE = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin-bottom:1.5em}"
+    "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}.pass{color:#176317}.fail{color:#a11}"
+)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _render_html(report: ValidationReport) -> str:
+    verdict = "passed" if report.success else "failed"
+    css = "pass" if report.success else "fail"
+    stats = _table(("statistic", "value"), sorted(report.statistics.items()))
+    checks = _table(
+        ("split", "expectation", "column", "result", "unexpected"),
+        [
+            (
+                c["split"],
+                c["expectation"],
+                c["column"] or "",
+                "pass" if c["success"] else "FAIL",
+                c["unexpected_count"],
+            )
+            for c in report.checks
+        ],
+    )
+    failures = _table(
+        ("split", "expectation", "column", "rows (0-based)", "detail"),
+        [(f.split, f.expectation, f.column or "", _rows_text(f.rows), f.detail) for f in report.failures],
+    )
+    title = html.escape(f"Validation of {report.source}")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style></head>"
+        f"<body><h1>{title}</h1><p class='{css}'><b>{verdict}</b></p><h2>Statistics</h2>{stats}"
+        f"<h2>Failures</h2>{failures}<h2>Expectations</h2>{checks}</body></html>"
+    )
