@@ -90,9 +90,13 @@ class CodebookBottleneck(nn.Module):
             picks = torch.randint(0, pool.shape[0], (n_dead,), generator=generator)
             scale = 1.0 if self.spec.combine == "mean" else 1.0 / self.spec.k
             fresh = pool[picks] * scale
-            fresh = fresh + noise * fresh.norm(dim=-1, keepdim=True) * torch.randn(
-                fresh.shape, generator=generator
-            ) / self.dim**0.5
+            fresh = (
+                fresh
+                + noise
+                * fresh.norm(dim=-1, keepdim=True)
+                * torch.randn(fresh.shape, generator=generator)
+                / self.dim**0.5
+            )
             self.codes[dead] = fresh.to(self.codes.dtype)
         self.usage.zero_()
         return n_dead
@@ -134,9 +138,7 @@ def attach_codebook(model: nn.Module, bottleneck: CodebookBottleneck) -> Removab
     layer = bottleneck.spec.layer
     if not 0 <= layer < len(layers):
         raise ValueError(f"codebook layer {layer} out of range: the model has {len(layers)} blocks")
-    handle = layers[layer].register_forward_hook(
-        lambda _module, _args, output: _replace_hidden(output, bottleneck)
-    )
+    handle = layers[layer].register_forward_hook(lambda _module, _args, output: _replace_hidden(output, bottleneck))
     _ATTACHED[model] = bottleneck
     return handle
 
@@ -174,4 +176,3 @@ def load_codebook(directory: Path) -> CodebookBottleneck:
     if codebook_sha256(bottleneck) != meta["sha256"]:
         raise ValueError(f"{directory / CODEBOOK_WEIGHTS}: weights do not match the sha256 in {spec_path}")
     return bottleneck
-

@@ -32,7 +32,12 @@ def hidden_size(model: nn.Module) -> int:
 
 @torch.inference_mode()
 def collect_activations(
-    model: nn.Module, tokenizer: Any, records: Sequence[Any], layer: int, batch_size: int, max_length: int,
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Any],
+    layer: int,
+    batch_size: int,
+    max_length: int,
     max_batches: int,
 ) -> torch.Tensor:
     """Residual-stream vectors after block ``layer`` on real tokens (padding dropped)."""
@@ -89,18 +94,26 @@ def train_codebook(
             "code_l1": loss.l1_weight * bottleneck.code_l1,
         }
 
-    revival_log: dict[str, float] = {"live_codes": float(codebook_spec.num_codes), "revived": 0.0}
+    # live_codes: codes used in the last revival window; revived_total: cumulative re-seeded codes.
+    revival_log: dict[str, float] = {"live_codes": float(codebook_spec.num_codes), "revived_total": 0.0}
 
     def on_step(step: int, logged: dict[str, float]) -> None:
         if revival.every and step > 0 and step % revival.every == 0:
             revival_log["live_codes"] = float(bottleneck.live_codes())
-            revival_log["revived"] = float(bottleneck.revive_dead_codes(generator, revival.noise))
+            revival_log["revived_total"] += bottleneck.revive_dead_codes(generator, revival.noise)
         logged.update(revival_log)
 
     parameters = [*model.parameters(), *bottleneck.parameters()]
     history = train_answers(
-        model, tokenizer, records, train_spec, parameters=parameters, extra_loss=codebook_terms,
-        on_step=on_step, progress=progress, description="codebook",
+        model,
+        tokenizer,
+        records,
+        train_spec,
+        parameters=parameters,
+        extra_loss=codebook_terms,
+        on_step=on_step,
+        progress=progress,
+        description="codebook",
     )
     bottleneck.eval()
     return bottleneck, history

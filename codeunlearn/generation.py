@@ -10,7 +10,8 @@ beyond float rounding.
 
 Deviation from the references: muse_bench and legacy TOFU generate one prompt at a time; here
 prompts are batched. Greedy answers equal the unbatched ones unless two logits tie to within float
-rounding (tested: batch 1 and batch 4 give identical answers on a tiny Llama).
+rounding (tested: batch 1 and batch 4 give identical answers on a tiny Llama). Decoding skips
+special tokens but does not apply ``clean_up_tokenization_spaces`` (see ``generate_from_ids``).
 """
 
 from __future__ import annotations
@@ -111,10 +112,12 @@ def generate_from_ids(
                 attention_mask=batch["attention_mask"].to(device),
                 generation_config=config,
             )
-            # Both TOFU and MUSE decode with clean_up_tokenization_spaces=True.
+            # TOFU and MUSE ask for clean_up_tokenization_spaces=True; transformers 5 ignores it for
+            # BPE tokenizers (with a warning), and it only removes spaces before punctuation, which
+            # rouge_score's tokenizer discards anyway. Off, so every tokenizer decodes the same way.
             texts.extend(
                 tokenizer.batch_decode(
-                    output[:, width:], skip_special_tokens=True, clean_up_tokenization_spaces=True
+                    output[:, width:], skip_special_tokens=True, clean_up_tokenization_spaces=False
                 )
             )
     return texts

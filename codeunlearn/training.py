@@ -56,9 +56,7 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return out.loss
 
 
-def batches_forever(
-    encoded: Sequence[EncodedQA], batch_size: int, pad_token_id: int, generator: torch.Generator
-):
+def batches_forever(encoded: Sequence[EncodedQA], batch_size: int, pad_token_id: int, generator: torch.Generator):
     """Shuffled epochs, drawn from a seeded generator so a run is replayable."""
     while True:
         order = torch.randperm(len(encoded), generator=generator).tolist()

@@ -66,6 +66,7 @@ class ValidationBounds:
 @dataclass
 class ExpectationFailure:
     expectation: str
+    # "forget" or "retain": the cross-split (leakage) checks report once per side, with that side's rows.
     split: str
     column: str | None
     rows: list[int]
@@ -115,7 +116,9 @@ def _field_value(record: Any, name: str) -> Any:
 
 
 def _is_missing(value: Any) -> bool:
-    return value is _ABSENT or value is None or (isinstance(value, float) and math.isnan(value))
+    if value is _ABSENT or value is None or value is pd.NA:
+        return True
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _type_name(value: Any) -> str | None:
@@ -138,7 +141,9 @@ def _frame(records: Sequence[Any]) -> pd.DataFrame:
         columns[name] = [v if isinstance(v, str) else None for v in values]
         columns[name + _TYPE_SUFFIX] = [_type_name(v) for v in values]
     if "question" in columns:
-        columns[NORMALIZED_QUESTION] = [q if q is None else normalize_question(q) for q in columns["question"]]
+        columns[NORMALIZED_QUESTION] = [
+            q if q is None else normalize_question(q) for q in columns["question"]
+        ]
     return pd.DataFrame(columns, index=pd.RangeIndex(len(records)), dtype=object)
 
 
@@ -171,7 +176,9 @@ def _text_expectations(gxe: Any, frame: pd.DataFrame) -> list:
             gxe.ExpectColumnValuesToBeInSet(
                 column=type_column, value_set=["str"], meta=_meta(name, "value is not a string", True)
             ),
-            gxe.ExpectColumnValuesToMatchRegex(column=name, regex=_NON_BLANK, meta=_meta(name, "empty or blank")),
+            gxe.ExpectColumnValuesToMatchRegex(
+                column=name, regex=_NON_BLANK, meta=_meta(name, "empty or blank")
+            ),
         ]
     if "subject" in frame:
         out.append(
@@ -182,7 +189,9 @@ def _text_expectations(gxe: Any, frame: pd.DataFrame) -> list:
             )
         )
     if "id" in frame:
-        out.append(gxe.ExpectColumnValuesToBeUnique(column="id", meta=_meta("id", "duplicate id in this split")))
+        out.append(
+            gxe.ExpectColumnValuesToBeUnique(column="id", meta=_meta("id", "duplicate id in this split"))
+        )
     return out
 
 
@@ -208,7 +217,9 @@ def _size_expectation(gxe: Any, split: str, bounds: ValidationBounds) -> Any:
         low, high = bounds.min_forget, bounds.max_forget
     else:
         low, high = bounds.min_retain, None
-    return gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high, meta=_meta(None, f"{split} size"))
+    expected = f"[{low}, {high}]" if high is not None else f">= {low}"
+    detail = f"{split} size (records) must be {expected}"
+    return gxe.ExpectTableRowCountToBeBetween(min_value=low, max_value=high, meta=_meta(None, detail))
 
 
 def _leakage_expectations(gxe: Any, frame: pd.DataFrame, other: pd.DataFrame, other_split: str) -> list:
@@ -219,7 +230,9 @@ def _leakage_expectations(gxe: Any, frame: pd.DataFrame, other: pd.DataFrame, ot
         if column in frame and value_set:
             detail = f"{source} also in {other_split} (leakage)"
             out.append(
-                gxe.ExpectColumnValuesToNotBeInSet(column=column, value_set=value_set, meta=_meta(source, detail))
+                gxe.ExpectColumnValuesToNotBeInSet(
+                    column=column, value_set=value_set, meta=_meta(source, detail)
+                )
             )
     return out
 
@@ -290,6 +303,14 @@ def _rows(result: Any) -> list[int]:
     return sorted(int(i) for i in (result.result or {}).get("unexpected_index_list") or [])
 
 
+def _unexpected_summary(outcome: Mapping, meta: Mapping) -> str:
+    summary = f"{outcome.get('unexpected_count', 0)} of {outcome.get('element_count', 0)} rows"
+    if meta.get("safe_values"):
+        found = sorted({str(v) for v in outcome.get("partial_unexpected_list") or []})
+        summary += f" (found {', '.join(found)})"
+    return summary
+
+
 def _detail(result: Any) -> str:
     meta = result.expectation_config.meta or {}
     detail = meta.get("detail", "")
@@ -297,16 +318,13 @@ def _detail(result: Any) -> str:
     if _raised(result):
         # The exception text is left out: pandas messages may quote the offending value.
         return f"{detail}: expectation could not be evaluated"
-    if "observed_value" in outcome and result.expectation_config.type == "expect_table_row_count_to_be_between":
-        kwargs = result.expectation_config.kwargs
-        return f"{detail}: {outcome['observed_value']} rows, expected [{kwargs.get('min_value')}, {kwargs.get('max_value')}]"
     missing = (outcome.get("details") or {}).get("mismatched", {}).get("missing")
     if missing:
         return f"{detail}: missing column(s) {', '.join(sorted(missing))}"
-    counted = f"{detail}: {outcome.get('unexpected_count', 0)} of {outcome.get('element_count', 0)} rows"
-    if meta.get("safe_values"):
-        counted += f" (found {', '.join(sorted({str(v) for v in outcome.get('partial_unexpected_list') or []}))})"
-    return counted
+    if "unexpected_count" not in outcome:
+        # Table-level expectations (row count) observe one number, not rows.
+        return f"{detail}: observed {outcome.get('observed_value')}"
+    return f"{detail}: {_unexpected_summary(outcome, meta)}"
 
 
 def _order(result: Any) -> int:
@@ -337,7 +355,9 @@ def _failure(result: Any, split: str) -> ExpectationFailure:
 
 def _statistics(suite_results: Mapping[str, Any], frames: Mapping[str, pd.DataFrame]) -> dict:
     keys = ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations")
-    stats: dict[str, Any] = {k: sum(int(r.statistics.get(k) or 0) for r in suite_results.values()) for k in keys}
+    stats: dict[str, Any] = {
+        k: sum(int(r.statistics.get(k) or 0) for r in suite_results.values()) for k in keys
+    }
     evaluated = stats["evaluated_expectations"]
     stats["success_percent"] = 100.0 * stats["successful_expectations"] / evaluated if evaluated else None
     for split, frame in frames.items():
@@ -443,7 +463,8 @@ def _render_html(report: ValidationReport) -> str:
     )
     title = html.escape(f"Validation of {report.source}")
     return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style></head>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{_STYLE}</style></head>"
         f"<body><h1>{title}</h1><p class='{css}'><b>{verdict}</b></p><h2>Statistics</h2>{stats}"
         f"<h2>Failures</h2>{failures}<h2>Expectations</h2>{checks}</body></html>"
     )

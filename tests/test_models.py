@@ -7,6 +7,9 @@ which downloads the real SmolLM2 wheel from PyPI (set CODEUNLEARN_CACHE to reuse
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -301,6 +304,26 @@ def test_cached_model_with_foreign_manifest_is_refused(tiny, tmp_path: Path) -> 
     (cached / cm.CACHE_MANIFEST).write_text('{"wheel_sha256": "0000"}')
     with pytest.raises(ModelSourceError, match="not the pinned"):
         load_model(SMOLLM2_WHEEL_SOURCE, cache)
+
+
+def test_scratch_of_dead_runs_is_removed_and_live_kept(tmp_path: Path) -> None:
+    dead_pid = _exited_pid()
+    host = socket.gethostname()
+    dead = tmp_path / f".extract.{host}.{dead_pid}.abc"
+    live = tmp_path / f".extract.{host}.{os.getpid()}.def"
+    foreign = tmp_path / f".extract.some-other-host.{dead_pid}.ghi"
+    for path in (dead, live, foreign):
+        path.mkdir()
+        (path / "model.gguf").write_bytes(b"x")
+    cm._remove_dead_scratch(tmp_path, cm.EXTRACT_PREFIX)
+    assert not dead.exists() and live.exists() and foreign.exists()
+
+
+def _exited_pid() -> int:
+    # A pid that certainly belonged to a process that has exited (and been reaped).
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
 
 
 # ------------------------------------------------------------------------------- the real SmolLM2

@@ -56,5 +56,3 @@ def get_method(name: str) -> UnlearningMethod:
         known = ", ".join(sorted(METHODS)) or "none"
         raise KeyError(f"unknown unlearning method {name!r}; known methods: {known}")
     return METHODS[name]()
-
-

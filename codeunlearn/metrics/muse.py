@@ -70,7 +70,8 @@ def truncate_to_tokens(tokenizer, text: str, max_tokens: int, add_bos: bool = Tr
     truth with ``add_special_tokens=True`` before slicing), so 127 text tokens remain for Llama.
     """
     ids = encode_raw(tokenizer, text, add_bos)[:max_tokens]
-    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    # No clean-up of spaces before punctuation: see generation.generate_from_ids.
+    return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
 def verbmem_rouge(
@@ -122,8 +123,14 @@ def knowmem_rouge(
         raise ValueError(f"length mismatch: {len(questions)} questions, {len(answers)} answers")
     prompts = [knowmem_prompt(question, icl_questions, icl_answers) for question in questions]
     outputs = generate_continuations(
-        model, tokenizer, prompts, max_new_tokens, batch_size, add_bos=add_bos,
-        stop_strings=stop_strings, progress=progress,
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        add_bos=add_bos,
+        stop_strings=stop_strings,
+        progress=progress,
     )
     return float(np.mean(rouge_l_f1(outputs, list(answers))))
 

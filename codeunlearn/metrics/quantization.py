@@ -14,6 +14,11 @@ Two quantizers behind one ``QuantizationSpec``:
   same config is used for 8 bits (rather than ``Int8WeightOnlyConfig``, which is per-row) so that the
   group size means the same thing for both bit widths.
 
+The two grids differ slightly: RTN here uses the restricted symmetric range +-(2^(bits-1) - 1) with
+scale = absmax / (2^(bits-1) - 1), so +-absmax are exact; torchao's symmetric mapping uses the full
+range [-2^(bits-1), 2^(bits-1) - 1] with scale = absmax / (2^(bits-1) - 0.5) (seen at 4 bits:
+absmax 0.75 -> scale 0.1, +0.75 -> 0.7, -0.75 -> -0.8).
+
 Deviation from the paper's code: FailureLLMUnlearning's only 4-bit path is bitsandbytes FP4 with
 blocks of 64 (and LLM.int8 for 8 bits), which needs CUDA; integer RTN and torchao's integer grid
 are different quantizers, so record which one produced a number (``QuantizationRecord``).
@@ -219,7 +224,7 @@ def quantize_torchao(
     )
 
 
-def quantize_(
+def quantize_model_(
     model: nn.Module, spec: QuantizationSpec, skip: Sequence[str] = DEFAULT_SKIP
 ) -> QuantizationRecord:
     """Quantize ``model`` in place as ``spec`` says (RTN is symmetric, as torchao's is)."""
@@ -239,7 +244,7 @@ def quantized_copy(
     ``nn.Linear`` weights and are not quantized.
     """
     clone = copy.deepcopy(model)
-    record = quantize_(clone, spec, skip)
+    record = quantize_model_(clone, spec, skip)
     return clone, record
 
 

@@ -1,0 +1,20 @@
+"""Run one stage without Prefect (what ``dvc repro`` calls): ``python -m tasks <stage> [--profile NAME]``."""
+
+from __future__ import annotations
+
+import argparse
+
+from tasks.context import make_context
+from tasks.stages import PIPELINE
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    parser.add_argument("stage", choices=list(PIPELINE))
+    parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` field)")
+    args = parser.parse_args(argv)
+    PIPELINE[args.stage].fn(make_context(args.profile))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""What every stage needs to know about the run it belongs to: settings, where outputs go, provenance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codeunlearn.config import load_settings, settings_hash
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILE = REPO_ROOT / "params.yaml"
+
+
+def git_commit(root: Path = REPO_ROOT) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return out.stdout.strip()
+
+
+@dataclass(frozen=True)
+class RunContext:
+    settings: dict[str, Any]
+    root: Path = REPO_ROOT
+    parent_run_id: str | None = None
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def profile(self) -> str:
+        return self.settings["profile"]
+
+    @property
+    def out_dir(self) -> Path:
+        return self.resolve(self.settings["paths"]["outputs"]) / self.profile
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.resolve(self.settings["paths"]["cache"])
+
+    @property
+    def params_hash(self) -> str:
+        return settings_hash(self.settings)
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.settings.get("progress", True))
+
+    def resolve(self, path: str) -> Path:
+        candidate = Path(path)
+        return candidate if candidate.is_absolute() else (self.root / candidate).resolve()
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def with_parent(self, run_id: str | None) -> RunContext:
+        return replace(self, parent_run_id=run_id)
+
+
+def make_context(
+    profile: str | None = None, params_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> RunContext:
+    settings = load_settings(params_file or PARAMS_FILE, profile, overrides)
+    threads = int(settings.get("threads", 0))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return RunContext(settings=settings)

@@ -1,0 +1,161 @@
+"""Stages 3-5: the base model, the fine-tuned target and oracle (TOFU's protocol), and the codebook model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from codeunlearn.codebook import CodebookSpec, codebook_sha256
+from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
+from codeunlearn.data import read_jsonl_records, records_sha256
+from codeunlearn.io import read_json, write_json
+from codeunlearn.masking import count_codes
+from codeunlearn.models import load_model
+from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
+from codeunlearn.training import TrainSpec, resolve_device, train_answers
+from tasks import tracking
+from tasks.context import RunContext
+
+TINY_SOURCE = "tiny"
+
+
+def train_spec(ctx: RunContext, block: str) -> TrainSpec:
+    return TrainSpec(seed=ctx.settings["seed"], **ctx.settings[block])
+
+
+def model_dir(ctx: RunContext, role: str) -> Path:
+    return ctx.stage_dir("models") / role
+
+
+def base_pointer(ctx: RunContext) -> Path:
+    return ctx.stage_dir("models") / "base.json"
+
+
+def load_role(ctx: RunContext, role: str) -> Checkpoint:
+    """Load a stage's checkpoint; the base model may live in the shared cache (see ``base_model``)."""
+    directory = model_dir(ctx, role)
+    if role == "base":
+        directory = Path(read_json(base_pointer(ctx))["checkpoint"])
+    return load_checkpoint(directory, resolve_device(ctx.settings["device"]))
+
+
+def data_tags(ctx: RunContext) -> dict[str, str]:
+    summary = read_json(ctx.stage_dir("splits") / "summary.json")
+    return {f"codeunlearn.data.{k}": str(v) for k, v in summary.items() if k.endswith("_sha256")}
+
+
+@task(name="base_model", cache_policy=NONE)
+def base_model(ctx: RunContext) -> dict:
+    """Resolve the model source once; a tiny model is built in code, anything else is converted and cached."""
+    source = ctx.settings["model"]["source"]
+    pointer = base_pointer(ctx)
+    if source == TINY_SOURCE:
+        splits = ctx.stage_dir("splits")
+        texts = [
+            f"{r.question} {r.answer}"
+            for name in ("forget", "retain")
+            for r in read_jsonl_records(splits / f"{name}.jsonl")
+        ]
+        tiny = ctx.settings["model"]["tiny"]
+        tokenizer = train_tokenizer(texts, tiny["vocab_size"])
+        model = build_tiny_llama(TinyModelSpec(seed=ctx.settings["seed"], **tiny), tokenizer)
+        checkpoint = model_dir(ctx, "base")
+        save_checkpoint(model, tokenizer, checkpoint)
+    else:
+        model, tokenizer = load_model(source, ctx.cache_dir, device="cpu", dtype=ctx.settings["model"]["dtype"])
+        checkpoint = ctx.cache_dir / "checkpoints" / source.replace(":", "_").replace("/", "_")
+        if not (checkpoint / "config.json").exists():
+            save_checkpoint(model, tokenizer, checkpoint)
+    n_params = sum(p.numel() for p in model.parameters())
+    info = {"source": source, "checkpoint": str(checkpoint), "parameters": n_params}
+    write_json(pointer, info)
+    with tracking.stage_run(ctx, "base_model"):
+        tracking.log_flat_params({"model.source": source, "model.class": type(model).__name__})
+        tracking.log_metrics({"model.parameters": n_params})
+    return info
+
+
+def _finetune(ctx: RunContext, role: str, split_names: tuple[str, ...]) -> dict:
+    splits = ctx.stage_dir("splits")
+    records = [r for name in split_names for r in read_jsonl_records(splits / f"{name}.jsonl")]
+    base = load_role(ctx, "base")
+    spec = train_spec(ctx, "finetune")
+    with tracking.stage_run(ctx, f"finetune_{role}"):
+        history = train_answers(
+            base.model, base.tokenizer, records, spec, progress=ctx.progress, description=f"finetune {role}"
+        )
+        save_checkpoint(base.model, base.tokenizer, model_dir(ctx, role))
+        tracking.log_history(history, "train")
+        summary = {"final_ce": history[-1]["ce"], "train_records": len(records), "steps": spec.steps}
+        tracking.log_metrics(summary)
+        tags = {**data_tags(ctx), "codeunlearn.train_sha256": records_sha256(records), "codeunlearn.role": role}
+        version = tracking.register_model_dir(ctx, model_dir(ctx, role), role, tags)
+    write_json(model_dir(ctx, role) / "training.json", {**summary, "history": history, "registered": version})
+    return summary
+
+
+@task(name="finetune_target", cache_policy=NONE)
+def finetune_target(ctx: RunContext) -> dict:
+    """The model that knows everything: forget + retain."""
+    return _finetune(ctx, "target", ("forget", "retain"))
+
+
+@task(name="finetune_oracle", cache_policy=NONE)
+def finetune_oracle(ctx: RunContext) -> dict:
+    """The retain-only model: what the target would be had it never seen the forget set."""
+    return _finetune(ctx, "oracle", ("retain",))
+
+
+@task(name="train_codebook", cache_policy=NONE)
+def train_codebook_stage(ctx: RunContext) -> dict:
+    splits = ctx.stage_dir("splits")
+    records = [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
+    target = load_role(ctx, "target")
+    cfg = ctx.settings["codebook"]
+    spec = CodebookSpec(
+        num_codes=cfg["num_codes"],
+        k=cfg["k"],
+        layer=cfg["layer"],
+        use_layernorm=cfg["use_layernorm"],
+        combine=cfg["combine"],
+    )
+    with tracking.stage_run(ctx, "train_codebook"):
+        bottleneck, history = train_codebook(
+            target.model,
+            target.tokenizer,
+            records,
+            spec,
+            train_spec(ctx, "codebook_train"),
+            CodebookLoss(cfg["reconstruction_weight"], cfg["l1_weight"]),
+            Revival(cfg["revive_every"], cfg["revive_noise"]),
+            cfg["init_batches"],
+            progress=ctx.progress,
+        )
+        out = model_dir(ctx, "codebook")
+        save_checkpoint(target.model, target.tokenizer, out, bottleneck=bottleneck)
+        tracking.log_history(history, "train")
+        usage = count_codes(
+            target.model,
+            bottleneck,
+            target.tokenizer,
+            records,
+            batch_size=ctx.settings["select"]["batch_size"],
+            max_length=ctx.settings["select"]["max_length"],
+            positions="all",
+        )
+        summary = {
+            "final_ce": history[-1]["ce"],
+            "final_reconstruction": history[-1]["reconstruction"],
+            "live_codes": int((usage.counts > 0).sum()),
+            "revived_total": history[-1]["revived_total"],
+            "num_codes": spec.num_codes,
+        }
+        tracking.log_metrics(summary)
+        sha = codebook_sha256(bottleneck)
+        tags = {**data_tags(ctx), "codeunlearn.codebook_sha256": sha, "codeunlearn.role": "codebook"}
+        version = tracking.register_model_dir(ctx, out, "codebook", tags)
+    write_json(out / "training.json", {**summary, "codebook_sha256": sha, "history": history, "registered": version})
+    return {**summary, "codebook_sha256": sha}

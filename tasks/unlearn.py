@@ -1,0 +1,49 @@
+"""Stages 6-7: select the codes to disable for the forget set and save the mask (CodeUnlearn's request)."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from codeunlearn.data import read_jsonl_records, records_sha256
+from codeunlearn.io import write_json
+from codeunlearn.masking import save_mask
+from codeunlearn.methods import get_method
+from tasks import tracking
+from tasks.context import RunContext
+from tasks.models import load_role
+
+
+@task(name="select_codes", cache_policy=NONE)
+def select_codes(ctx: RunContext) -> dict:
+    splits = ctx.stage_dir("splits")
+    forget = read_jsonl_records(splits / "forget.jsonl")
+    retain = read_jsonl_records(splits / "retain.jsonl")
+    codebook_model = load_role(ctx, "codebook")
+    select = ctx.settings["select"]
+    if select["control"] != "retain":
+        raise ValueError(f"params.yaml: field 'select.control' = {select['control']!r} is not supported yet")
+    provenance = {
+        "forget_sha256": records_sha256(forget),
+        "forget_count": len(forget),
+        "control": select["control"],
+        "control_sha256": records_sha256(retain),
+        "params_hash": ctx.params_hash,
+    }
+    params = {**select, "provenance": provenance}
+    started = time.perf_counter()
+    with tracking.stage_run(ctx, "select_codes"):
+        result = get_method("codeunlearn").unlearn(
+            codebook_model.model, codebook_model.tokenizer, forget, retain, params
+        )
+        latency = time.perf_counter() - started
+        mask = result.artifacts["mask"]
+        out = ctx.stage_dir("mask")
+        save_mask(mask, out)
+        stats = {**result.stats, "request_latency_s": latency}
+        tracking.log_metrics(stats)
+        tracking.log_artifacts(out, "mask")
+    write_json(out / "stats.json", stats)
+    return stats
