@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from prefect import flow
 
@@ -12,12 +13,12 @@ from tasks.stages import PIPELINE
 
 
 @flow(name="codeunlearn-pipeline")
-def pipeline(profile: str | None = None) -> dict:
+def pipeline(profile: str | None = None, params_file: str | None = None) -> dict:
     """prepare -> validate -> base -> target + oracle -> codebook -> select -> evaluate -> report.
 
     A failed validation raises inside its task, so the flow stops before any model is touched.
     """
-    ctx = make_context(profile)
+    ctx = make_context(profile, Path(params_file) if params_file else None)
     results: dict = {}
     with tracking.flow_run(ctx, f"pipeline-{ctx.profile}") as run_ctx:
         for name, stage in PIPELINE.items():

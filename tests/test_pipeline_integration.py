@@ -1,0 +1,90 @@
+"""The whole smoke flow end to end on real TOFU data: every stage, MLflow runs, the mask, selectivity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHARED_DATA, write_params
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (SHARED_DATA / "tofu").exists(), reason="needs ../shared/data/tofu"),
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    params_file = write_params(tmp)
+    results = pipeline(profile="smoke", params_file=str(params_file))
+    return tmp, results
+
+
+def test_every_stage_ran_and_wrote_its_outputs(smoke_run):
+    tmp, results = smoke_run
+    out = tmp / "outputs" / "smoke"
+    for path in (
+        "splits/forget.jsonl", "splits/summary.json", "validation/report.html", "models/target/config.json",
+        "models/oracle/config.json", "models/codebook/codebook.safetensors", "mask/mask.safetensors",
+        "mask/mask.json", "eval/metrics.json", "eval/rouge.png", "report/report.md",
+    ):
+        assert (out / path).exists(), path
+    mask = json.loads((out / "mask" / "mask.json").read_text())
+    codebook = json.loads((out / "models" / "codebook" / "codebook.json").read_text())
+    assert mask["codebook_sha256"] == codebook["sha256"]
+    assert mask["count"] > 0
+
+
+def test_target_learned_and_the_mask_is_selective(smoke_run):
+    _, results = smoke_run
+    m = results["evaluate"]
+    assert m["target"]["forget_rouge"] >= 0.8, "the smoke target must actually learn its facts"
+    assert m["oracle"]["forget_rouge"] < m["target"]["forget_rouge"] - 0.3
+    forget_drop = m["codebook"]["forget_rouge"] - m["codeunlearn"]["forget_rouge"]
+    retain_drop = m["codebook"]["retain_rouge"] - m["codeunlearn"]["retain_rouge"]
+    random_forget_drop = m["codebook"]["forget_rouge"] - m["random_codes"]["forget_rouge"]
+    assert forget_drop > 0.3
+    assert forget_drop > retain_drop + 0.25
+    assert forget_drop > random_forget_drop + 0.2
+
+
+def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    tmp, results = smoke_run
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = MlflowClient()
+    parent = client.get_run(results["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {run.data.tags["codeunlearn.stage"] for run in children}
+    assert {"prepare_data", "validate_forget_set", "finetune_target", "finetune_oracle", "train_codebook",
+            "select_codes", "evaluate", "report"} <= stages
+    select = next(run for run in children if run.data.tags["codeunlearn.stage"] == "select_codes")
+    artifacts = {a.path for a in client.list_artifacts(select.info.run_id, "mask")}
+    assert {"mask/mask.safetensors", "mask/mask.json"} <= artifacts
+    names = {m.name for m in client.search_registered_models()}
+    assert {"codeunlearn-smoke-target", "codeunlearn-smoke-oracle", "codeunlearn-smoke-codebook"} <= names
+
+
+def test_no_forget_answer_text_reaches_mlflow(smoke_run):
+    from codeunlearn.data import read_jsonl_records
+
+    tmp, _ = smoke_run
+    forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")
+    needles = [r.answer.encode() for r in forget]
+    stores = [tmp / "mlflow.db", *[p for p in Path(tmp / "mlruns").rglob("*") if p.is_file()]]
+    for store in stores:
+        blob = store.read_bytes()
+        leaked = [n for n in needles if n in blob]
+        assert not leaked, f"{store} contains forget-set answer text"
