@@ -210,6 +210,10 @@ class SelectionSpec:
     positions: str
     batch_size: int
     max_length: int
+    # Protect codes the retain set leans on: a code whose forget/retain usage log-ratio is at or below
+    # this margin is never disabled. Only meaningful when the control is not the retain set itself.
+    protect_retain: bool = False
+    protect_log_ratio: float = 0.0
 
 
 def select_mask(
@@ -221,18 +225,29 @@ def select_mask(
     spec: SelectionSpec,
     provenance: dict[str, Any],
     progress: bool = False,
+    retain: Sequence[Any] | None = None,
 ) -> tuple[CodeMask, Enrichment]:
     """CodeUnlearn's zero-shot step: count, test, keep the top S' forget-enriched codes not yet disabled."""
     counting = {"batch_size": spec.batch_size, "max_length": spec.max_length, "positions": spec.positions}
     forget_counts = count_codes(model, bottleneck, tokenizer, forget, progress=progress, **counting)
     control_counts = count_codes(model, bottleneck, tokenizer, control, progress=progress, **counting)
     enrichment = chi2_enrichment(forget_counts, control_counts, spec.smoothing)
-    ranked = rank_enriched_codes(enrichment, alpha=spec.alpha, already_disabled=bottleneck.disabled)
+    protected = None
+    if spec.protect_retain:
+        if retain is None:
+            raise ValueError("protect_retain needs the retain records")
+        retain_counts = count_codes(model, bottleneck, tokenizer, retain, progress=progress, **counting)
+        versus_retain = chi2_enrichment(forget_counts, retain_counts, spec.smoothing)
+        protected = versus_retain.log_ratio <= spec.protect_log_ratio
+    ranked = rank_enriched_codes(
+        enrichment, alpha=spec.alpha, already_disabled=bottleneck.disabled, protected=protected
+    )
     chosen = ranked[: spec.num_codes_to_disable]
     details = {
         **provenance,
         "selection": asdict(spec),
         "enriched_codes": int(len(ranked)),
+        "protected_codes": int(protected.sum()) if protected is not None else 0,
         "forget_tokens": forget_counts.tokens,
         "control_tokens": control_counts.tokens,
     }
@@ -244,6 +259,17 @@ def select_mask(
         provenance=details,
     )
     return mask, enrichment
+
+
+def ranked_mask(mask: CodeMask, size: int) -> CodeMask:
+    """The first ``size`` codes of a ranked mask: one selection serves a whole S' sweep."""
+    return CodeMask(
+        mask.disabled_ids[:size],
+        mask.scores[:size],
+        mask.codebook_sha256,
+        mask.num_codes,
+        {**mask.provenance, "num_codes_to_disable": size},
+    )
 
 
 def random_mask_like(mask: CodeMask, generator: np.random.Generator, exclude: Sequence[int] = ()) -> CodeMask:

@@ -6,6 +6,7 @@ from tasks.evaluate import evaluate
 from tasks.models import base_model, finetune_oracle, finetune_target, train_codebook_stage
 from tasks.prepare_data import prepare_data
 from tasks.report import report
+from tasks.sweep import sweep
 from tasks.unlearn import select_codes
 from tasks.validate import validate_forget_set
 
@@ -18,5 +19,6 @@ PIPELINE = {
     "train_codebook": train_codebook_stage,
     "select_codes": select_codes,
     "evaluate": evaluate,
+    "sweep": sweep,
     "report": report,
 }

@@ -7,7 +7,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.data import read_jsonl_records, records_sha256
+from codeunlearn.data import read_jsonl_records
 from codeunlearn.io import write_json
 from codeunlearn.masking import save_mask
 from codeunlearn.methods import get_method
@@ -23,16 +23,7 @@ def select_codes(ctx: RunContext) -> dict:
     retain = read_jsonl_records(splits / "retain.jsonl")
     codebook_model = load_role(ctx, "codebook")
     select = ctx.settings["select"]
-    if select["control"] != "retain":
-        raise ValueError(f"params.yaml: field 'select.control' = {select['control']!r} is not supported yet")
-    provenance = {
-        "forget_sha256": records_sha256(forget),
-        "forget_count": len(forget),
-        "control": select["control"],
-        "control_sha256": records_sha256(retain),
-        "params_hash": ctx.params_hash,
-    }
-    params = {**select, "provenance": provenance}
+    params = {**select, "provenance": {"params_hash": ctx.params_hash, "request": "pipeline"}}
     started = time.perf_counter()
     with tracking.stage_run(ctx, "select_codes"):
         result = get_method("codeunlearn").unlearn(

@@ -134,8 +134,18 @@ def memorised_model() -> dict[str, Any]:
     return {"model": model, "tokenizer": tokenizer, "forget": forget, "retain": retain}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """One intra-op thread: these matmuls are too small to gain from more, and on a shared 2-core box
+    two spinning OpenMP threads per process made the module 20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
-def setup() -> dict[str, Any]:
+def trained(single_thread) -> dict[str, Any]:
     return memorised_model()
 
 
@@ -152,13 +162,14 @@ def mean_rouge(model: torch.nn.Module, tokenizer: Any, records: list[QARecord]) 
     return sum(scores) / len(scores)
 
 
-def run(setup: Mapping[str, Any], name: str, params: Mapping[str, Any]):
-    return get_method(name).unlearn(setup["model"], setup["tokenizer"], setup["forget"], setup["retain"], params)
+def run(trained: Mapping[str, Any], name: str, params: Mapping[str, Any]):
+    t = trained
+    return get_method(name).unlearn(t["model"], t["tokenizer"], t["forget"], t["retain"], params)
 
 
-def test_the_target_model_has_memorised_its_facts(setup):
-    assert mean_nll(setup["model"], setup["tokenizer"], setup["forget"]) < 0.3
-    assert mean_nll(setup["model"], setup["tokenizer"], setup["retain"]) < 0.3
+def test_the_target_model_has_memorised_its_facts(trained):
+    assert mean_nll(trained["model"], trained["tokenizer"], trained["forget"]) < 0.3
+    assert mean_nll(trained["model"], trained["tokenizer"], trained["retain"]) < 0.3
 
 
 def test_every_baseline_has_params_here():
@@ -166,45 +177,45 @@ def test_every_baseline_has_params_here():
 
 
 @pytest.mark.parametrize("name", BASELINES)
-def test_method_forgets_without_touching_the_caller_and_replays(setup, name):
-    model, tokenizer = setup["model"], setup["tokenizer"]
+def test_method_forgets_without_touching_the_caller_and_replays(trained, name):
+    model, tokenizer = trained["model"], trained["tokenizer"]
     before = model_sha256(model)
-    nll_before = mean_nll(model, tokenizer, setup["forget"])
+    nll_before = mean_nll(model, tokenizer, trained["forget"])
 
-    first = run(setup, name, PARAMS[name])
-    second = run(setup, name, PARAMS[name])
+    first = run(trained, name, PARAMS[name])
+    second = run(trained, name, PARAMS[name])
 
     assert model_sha256(model) == before, "the caller's model was modified"
     assert first.model is not model
-    nll_after = mean_nll(first.model, tokenizer, setup["forget"])
+    nll_after = mean_nll(first.model, tokenizer, trained["forget"])
     assert nll_after > nll_before + 0.2, f"{name}: forget NLL {nll_before:.3f} -> {nll_after:.3f}"
-    assert mean_rouge(first.model, tokenizer, setup["forget"]) < mean_rouge(model, tokenizer, setup["forget"])
+    assert mean_rouge(first.model, tokenizer, trained["forget"]) < mean_rouge(model, tokenizer, trained["forget"])
     assert model_sha256(first.model) == model_sha256(second.model), "same seed, different weights"
     for key in ("unlearn_s", "peak_mem_mb", "steps"):
         assert key in first.stats, f"{name}: stats lack {key}"
     assert first.stats["unlearn_s"] > 0
 
 
-def test_zerounlearn_gradient_variant_forgets(setup):
-    model, tokenizer = setup["model"], setup["tokenizer"]
-    nll_before = mean_nll(model, tokenizer, setup["forget"])
-    result = run(setup, "zerounlearn", GRADIENT_VARIANT)
+def test_zerounlearn_gradient_variant_forgets(trained):
+    model, tokenizer = trained["model"], trained["tokenizer"]
+    nll_before = mean_nll(model, tokenizer, trained["forget"])
+    result = run(trained, "zerounlearn", GRADIENT_VARIANT)
     assert result.stats["null_space_dim"] > 0
-    assert mean_nll(result.model, tokenizer, setup["forget"]) > nll_before + 0.2
+    assert mean_nll(result.model, tokenizer, trained["forget"]) > nll_before + 0.2
 
 
-def test_rmu_updates_only_the_chosen_parameters(setup):
+def test_rmu_updates_only_the_chosen_parameters(trained):
     params = {**PARAMS["rmu"], "update_layers": [1], "param_regex": r"mlp\.down_proj\.weight"}
-    result = run(setup, "rmu", params)
-    original = dict(setup["model"].named_parameters())
+    result = run(trained, "rmu", params)
+    original = dict(trained["model"].named_parameters())
     changed = {name for name, p in result.model.named_parameters() if not torch.equal(p, original[name])}
     assert changed == {"model.layers.1.mlp.down_proj.weight"}
 
 
-def test_grin_changes_only_the_selected_weights(setup):
-    result = run(setup, "grin", PARAMS["grin"])
+def test_grin_changes_only_the_selected_weights(trained):
+    result = run(trained, "grin", PARAMS["grin"])
     masks = result.artifacts["mask"]
-    original = dict(setup["model"].named_parameters())
+    original = dict(trained["model"].named_parameters())
     for name, p in result.model.named_parameters():
         if name in masks:
             assert torch.equal(p[~masks[name]], original[name][~masks[name]]), name
@@ -213,10 +224,10 @@ def test_grin_changes_only_the_selected_weights(setup):
     assert result.stats["selected_weights"] == sum(int(m.sum()) for m in masks.values())
 
 
-def test_in_place_edits_the_given_model(setup):
-    model = copy.deepcopy(setup["model"])
+def test_in_place_edits_the_given_model(trained):
+    model = copy.deepcopy(trained["model"])
     result = get_method("ga").unlearn(
-        model, setup["tokenizer"], setup["forget"], setup["retain"], {**PARAMS["ga"], "in_place": True}
+        model, trained["tokenizer"], trained["forget"], trained["retain"], {**PARAMS["ga"], "in_place": True}
     )
     assert result.model is model
 
@@ -227,14 +238,14 @@ def test_unknown_method_lists_the_known_ones():
 
 
 @pytest.mark.parametrize("name", BASELINES)
-def test_missing_param_names_method_and_key(setup, name):
+def test_missing_param_names_method_and_key(trained, name):
     key = "seed"
     params = {k: v for k, v in PARAMS[name].items() if k != key}
     with pytest.raises(KeyError, match=f"{name}.*'{key}'"):
-        run(setup, name, params)
+        run(trained, name, params)
 
 
-def test_missing_method_specific_param_is_named(setup):
+def test_missing_method_specific_param_is_named(trained):
     params = {k: v for k, v in PARAMS["npo"].items() if k != "beta"}
     with pytest.raises(KeyError, match="npo.*'beta'"):
-        run(setup, "npo", params)
+        run(trained, "npo", params)

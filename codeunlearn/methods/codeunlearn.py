@@ -14,6 +14,8 @@ from typing import Any
 from torch import nn
 
 from codeunlearn.codebook import attached_codebook
+from codeunlearn.controls import build_control
+from codeunlearn.data import records_sha256
 from codeunlearn.masking import SelectionSpec, apply_mask, select_mask
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
 
@@ -35,8 +37,15 @@ class CodeUnlearn(UnlearningMethod):
             raise ValueError("codeunlearn needs a model with an attached codebook; run train_codebook first")
         started = time.perf_counter()
         spec = SelectionSpec(**{name: params[name] for name in SelectionSpec.__dataclass_fields__})
-        control = params.get("control_records") or retain
-        mask, _ = select_mask(model, bottleneck, tokenizer, forget, control, spec, dict(params.get("provenance", {})))
+        control = build_control(params["control"], forget, retain, params["name_min_mentions"])
+        provenance = {
+            **params.get("provenance", {}),
+            "forget_sha256": records_sha256(forget),
+            "forget_count": len(forget),
+            "control": params["control"],
+            "control_sha256": records_sha256(control),
+        }
+        mask, _ = select_mask(model, bottleneck, tokenizer, forget, control, spec, provenance, retain=retain)
         apply_mask(bottleneck, mask)
         return UnlearnResult(
             model=model,
@@ -44,6 +53,7 @@ class CodeUnlearn(UnlearningMethod):
                 "disabled_codes": len(mask.disabled_ids),
                 "total_disabled_codes": int(bottleneck.disabled.sum()),
                 "enriched_codes": mask.provenance["enriched_codes"],
+                "protected_codes": mask.provenance["protected_codes"],
                 "select_s": time.perf_counter() - started,
             },
             artifacts={"mask": mask},

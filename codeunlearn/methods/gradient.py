@@ -23,6 +23,7 @@ import re
 import resource
 import sys
 import time
+from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -397,9 +398,9 @@ class GradientUnlearning(UnlearningMethod):
     def after_step(self, ctx: UnlearnContext) -> None:
         """After the optimizer step (e.g. undoing weight decay outside a mask)."""
 
+    @abstractmethod
     def loss_terms(self, ctx: UnlearnContext, forget: Batch, retain: Batch | None) -> dict[str, torch.Tensor]:
         """Named terms, each already weighted; the loss is their sum."""
-        raise NotImplementedError
 
     # -- the shared driver --------------------------------------------------------------------
 

@@ -170,7 +170,8 @@ def residual_edit(block: nn.Module, rows: list[int], positions: list[int], delta
         store["at_keys"] = hidden[rows, positions]
         if delta is None:
             return None
-        edited = hidden + torch.zeros_like(hidden).index_put((torch.tensor(rows), torch.tensor(positions)), delta)
+        index = (torch.tensor(rows, device=hidden.device), torch.tensor(positions, device=hidden.device))
+        edited = hidden + torch.zeros_like(hidden).index_put(index, delta.to(hidden.dtype))
         return edited if isinstance(output, torch.Tensor) else (edited, *output[1:])
 
     handle = block.register_forward_hook(hook)
@@ -352,6 +353,56 @@ def gradient_weight(
     return (w + d_hat.detach() @ p_null), float(loss.detach()), rank
 
 
+@dataclass(frozen=True)
+class LayerData:
+    """What one layer's edit needs, read off the model as edited so far (all float64)."""
+
+    module: nn.Linear
+    w: torch.Tensor  # (d_out, d_in)
+    keys: torch.Tensor  # K: (d_in, n) at the forget key positions
+    values: torch.Tensor  # W·K: (d_out, n), the original (sensitive) values
+    z_now: torch.Tensor  # residual after the last edited block at the key positions: (d_model, n)
+    basis: torch.Tensor  # V: (d_out, r), top directions of W·K
+    retain_cov: torch.Tensor  # C_r: (d_in, d_in)
+
+    @classmethod
+    def collect(
+        cls,
+        model: nn.Module,
+        module: nn.Linear,
+        z_layer: int,
+        prompts: Prompts,
+        retain: Sequence[EncodedQA],
+        p: MethodParams,
+        pad: int,
+    ) -> LayerData:
+        size = p.int("batch_size")
+        keys, z_now = keys_and_residual(model, module, z_layer, prompts, size, pad)
+        w = module.weight.detach().double()
+        values = w @ keys
+        return cls(
+            module=module,
+            w=w,
+            keys=keys,
+            values=values,
+            z_now=z_now,
+            basis=sensitive_basis(values, p.int("rank")),
+            retain_cov=retain_key_covariance(model, module, retain, size, pad),
+        )
+
+
+def edit_weight(
+    data: LayerData, targets: torch.Tensor, p: MethodParams, variant: str
+) -> tuple[torch.Tensor, dict[str, float | int]]:
+    """The layer's new weight, and stats of the edit."""
+    stats: dict[str, float | int] = {"sensitive_rank": int(data.basis.shape[1])}
+    if variant == "closed_form":
+        p_matrix = projection(data.basis, p.float("delta"))
+        return closed_form_weight(data.w, data.keys, targets, data.retain_cov, p_matrix, p), stats
+    new_w, final_loss, null_dim = gradient_weight(data.w, data.keys, targets, data.retain_cov, data.basis, p)
+    return new_w, stats | {"final_loss": final_loss, "null_space_dim": null_dim}
+
+
 @register_method
 class ZeroUnlearn(UnlearningMethod):
     name = "zerounlearn"
@@ -389,34 +440,28 @@ class ZeroUnlearn(UnlearningMethod):
         p: MethodParams,
         variant: str,
     ) -> dict[str, float | int]:
-        layers = p.int_list("layers")
         n_blocks = len(decoder_layers(model))
-        layers = [layer % n_blocks for layer in layers]
-        z_layer, pad, size = layers[-1], pad_id(tokenizer), p.int("batch_size")
+        layers = [layer % n_blocks for layer in p.int_list("layers")]
+        pad = pad_id(tokenizer)
         prompts = forget_prompts(tokenizer, forget, target_ids(tokenizer, p.str("target_text")), p.int("max_length"))
         retain_encoded = encode_records(tokenizer, retain, p.int("max_length"))
-        z_star, target_nll = optimise_targets(model, z_layer, prompts, p, pad)
-        stats: dict[str, float | int] = {"final_target_nll": target_nll, "null_space_dim": 0, "final_loss": 0.0}
-        change = []
+        z_star, target_nll = optimise_targets(model, layers[-1], prompts, p, pad)
+        stats: dict[str, float | int] = {"final_target_nll": target_nll}
+        changes = []
         for i, layer in enumerate(tqdm(layers, desc="zerounlearn layers", disable=not p.bool("progress"), leave=False)):
-            module = edit_module(model, layer, p.str("module"))
-            keys, z_now = keys_and_residual(model, module, z_layer, prompts, size, pad)
-            w = module.weight.detach().double()
-            values = w @ keys
-            targets = values + (z_star - z_now) / (len(layers) - i)  # spread the residual over the layers left
-            basis = sensitive_basis(values, p.int("rank"))
-            retain_cov = retain_key_covariance(model, module, retain_encoded, size, pad)
-            if variant == "closed_form":
-                new_w = closed_form_weight(w, keys, targets, retain_cov, projection(basis, p.float("delta")), p)
-            else:
-                new_w, final_loss, null_dim = gradient_weight(w, keys, targets, retain_cov, basis, p)
-                stats["final_loss"] = final_loss
-                stats["null_space_dim"] += null_dim
+            data = LayerData.collect(
+                model, edit_module(model, layer, p.str("module")), layers[-1], prompts, retain_encoded, p, pad
+            )
+            # MEMIT's schedule: each layer closes its share of the residual still left to z*.
+            targets = data.values + (z_star - data.z_now) / (len(layers) - i)
+            new_w, layer_stats = edit_weight(data, targets, p, variant)
             if not torch.isfinite(new_w).all():
                 raise FloatingPointError(f"zerounlearn: the edit of layer {layer} is not finite; raise regularization")
-            change.append(float((new_w - w).norm() / w.norm()))
+            for name, value in layer_stats.items():
+                # Null-space dimensions add up over the layers; the other stats are the last layer's.
+                stats[name] = (stats.get(name, 0) + value) if name == "null_space_dim" else value
+            changes.append(float((new_w - data.w).norm() / data.w.norm()))
             with torch.no_grad():
-                module.weight.copy_(new_w.to(module.weight.dtype))
-        stats["sensitive_rank"] = int(basis.shape[1])
-        stats["relative_weight_change"] = sum(change) / len(change)
+                data.module.weight.copy_(new_w.to(data.module.weight.dtype))
+        stats["relative_weight_change"] = sum(changes) / len(changes)
         return stats
