@@ -1,22 +1,104 @@
-"""Evaluate one model on the run's evaluation sets: the numbers every report and leaderboard row uses."""
+"""Evaluate one model on the run's evaluation sets: the numbers every report and leaderboard row uses.
+
+``score_model`` runs the model once over every set (one greedy generation pass over all questions,
+one teacher-forced pass over every gold / paraphrased / perturbed answer and the holdout answers)
+and keeps per-item numbers only; ``summarize`` turns those into the run's metrics, comparing with
+the oracle's (retain-only model's) per-item numbers where the metric needs a reference:
+
+* TOFU (shared/reference/eval-anchors.md section 2): per split ROUGE-L recall, Prob and the
+  truth-ratio statistic; Forget Quality = KS p-value of the model's forget-split truth ratios
+  against the oracle's; Model Utility = harmonic mean of the nine retain / real-authors /
+  world-facts numbers. ``retain_utility`` (the same over the three retain numbers) is added because
+  a model trained from scratch (the smoke profile) knows no real authors or world facts, which
+  pins its Model Utility near zero whatever unlearning does.
+* Membership inference on answer tokens (open-unlearning's TOFU MIA: the QA in the model's prompt
+  format, scored on the answer tokens), forget QAs as members, holdout QAs (authors never trained
+  on) as non-members: ``mia_min_k_auc`` (Min-K% Prob) and ``mia_loss_auc`` (LOSS), 1.0 = the forget
+  set still looks like training data, 0.5 = indistinguishable from unseen authors. ``privleak`` is
+  MUSE's relative AUC, (AUC - AUC_oracle) / AUC_oracle x 100 in MUSE's orientation
+  (``metrics.muse.mia_auc``), with AUC_oracle measured on *this run's* oracle, never a constant:
+  0 = leaks like the oracle, strongly negative = under-unlearned, strongly positive = over-unlearned.
+
+Nothing here returns or logs generated text: a model's answers may quote the forget set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
-from codeunlearn.generation import generate_answers
-from codeunlearn.metrics.tofu import rouge_l_recall
+from codeunlearn.generation import evaluating, generate_answers, pad_token_id
+from codeunlearn.metrics import mia, muse
+from codeunlearn.metrics.tofu import (
+    UTILITY_SPLITS,
+    answer_probability,
+    forget_quality,
+    forget_truth_ratio_stat,
+    model_utility,
+    model_utility_inputs,
+    normalized_probability,
+    retain_truth_ratio_stat,
+    rouge_l_recall,
+    truth_ratio,
+)
+from codeunlearn.prompting import IGNORE_INDEX, encode_qa, pad_batch
+
+# Splits whose truth ratio uses a paraphrased answer; real authors / world facts use the gold answer.
+PARAPHRASE_SPLITS = ("forget", "retain")
+TOFU_SPLIT_ORDER = ("forget", "retain", "real_authors", "world_facts")
 
 
 @dataclass(frozen=True)
 class GenerationSpec:
     max_new_tokens: int
     batch_size: int
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a model is scored: greedy decoding budget and batch, teacher-forced batch and length."""
+
+    max_new_tokens: int
+    batch_size: int  # generation batch
+    score_batch_size: int  # teacher-forced scoring batch
+    max_length: int  # tokens of prompt + answer scored (longer QAs are cut; answer tokens must survive)
+    min_k: float = mia.MIN_K_RATIO
+
+    @property
+    def generation(self) -> GenerationSpec:
+        return GenerationSpec(self.max_new_tokens, self.batch_size)
+
+
+@dataclass
+class EvalSets:
+    """The records a model is scored on. Empty optional sets are skipped (and their metrics absent)."""
+
+    forget: Sequence[Any]
+    retain: Sequence[Any]
+    real_authors: Sequence[Any] = ()
+    world_facts: Sequence[Any] = ()
+    holdout: Sequence[Any] = ()  # MIA non-members: QAs about authors no model was trained on
+
+    def tofu_splits(self) -> dict[str, Sequence[Any]]:
+        return {kind: getattr(self, kind) for kind in TOFU_SPLIT_ORDER if len(getattr(self, kind))}
+
+    def counts(self) -> dict[str, int]:
+        return {kind: len(getattr(self, kind)) for kind in (*TOFU_SPLIT_ORDER, "holdout")}
+
+
+@dataclass
+class ModelScores:
+    """Per-item numbers of one model (no text): TOFU results per split and MIA scores."""
+
+    splits: dict[str, dict[str, Any]]
+    mia: dict[str, list[float]] = field(default_factory=dict)
 
 
 def evenly_spaced(records: Sequence[Any], size: int) -> list[Any]:
@@ -27,14 +109,27 @@ def evenly_spaced(records: Sequence[Any], size: int) -> list[Any]:
     return [records[i] for i in picks]
 
 
+def has_truth_ratio_data(record: Any, kind: str) -> bool:
+    """Whether a record carries what its split's truth ratio needs (TOFU perturbs only some authors)."""
+    if not getattr(record, "perturbed_answers", None):
+        return False
+    return kind not in PARAPHRASE_SPLITS or bool((getattr(record, "paraphrased_answer", None) or "").strip())
+
+
 def split_rouge(
-    model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: GenerationSpec, progress: bool
+    model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: GenerationSpec, progress: bool = False
 ) -> float:
     """Mean ROUGE-L recall of greedy answers against the gold answers (TOFU's ROUGE)."""
+    return float(np.mean(split_rouge_by_item(model, tokenizer, records, spec, progress)))
+
+
+def split_rouge_by_item(
+    model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: GenerationSpec, progress: bool = False
+) -> list[float]:
     answers = generate_answers(
         model, tokenizer, [r.question for r in records], spec.max_new_tokens, spec.batch_size, progress=progress
     )
-    return float(np.mean(rouge_l_recall(answers, [r.answer for r in records])))
+    return rouge_l_recall(answers, [r.answer for r in records])
 
 
 def forget_retain_rouge(
@@ -49,3 +144,207 @@ def forget_retain_rouge(
         "forget_rouge": split_rouge(model, tokenizer, forget, spec, progress),
         "retain_rouge": split_rouge(model, tokenizer, retain, spec, progress),
     }
+
+
+def answer_token_logprobs(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    max_length: int,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """log p of every answer token (EOS included) of each (question, answer), teacher-forced.
+
+    The same token sequence and answer positions as ``generation.answer_token_nll`` (whose value is
+    minus the mean of these), kept per token so that Min-K% and LOSS attacks read the same pass.
+    """
+    if batch_size < 1 or max_length < 1:
+        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
+    encoded = [encode_qa(tokenizer, question, answer, max_length) for question, answer in pairs]
+    for index, item in enumerate(encoded):
+        if all(label == IGNORE_INDEX for label in item.labels):
+            raise ValueError(
+                f"pair {index}: no answer token survives max_length={max_length} "
+                f"(prompt is {item.prompt_length} tokens); raise evaluate.max_length"
+            )
+    device = next(model.parameters()).device
+    pad_id = pad_token_id(tokenizer)
+    out: list[torch.Tensor] = []
+    starts = range(0, len(encoded), batch_size)
+    with evaluating(model):
+        for start in tqdm(starts, desc="scoring answers", disable=not progress, leave=False):
+            batch = pad_batch(encoded[start : start + batch_size], pad_id)
+            input_ids = batch["input_ids"].to(device)
+            logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+            logprobs = torch.gather(
+                F.log_softmax(logits[:, :-1].float(), dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)
+            ).squeeze(-1)
+            answer = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+            out.extend(logprobs[row][answer[row]].cpu() for row in range(len(logprobs)))
+    return [tensor.clone() for tensor in out]
+
+
+def mean_nll(logprobs: torch.Tensor) -> float:
+    return float(-(logprobs.sum() / logprobs.numel()))
+
+
+def _check_records(kind: str, records: Sequence[Any]) -> None:
+    for index, record in enumerate(records):
+        if not has_truth_ratio_data(record, kind):
+            what = "paraphrased_answer or perturbed_answers" if kind in PARAPHRASE_SPLITS else "perturbed_answers"
+            raise ValueError(
+                f"{kind} record {index} (id {getattr(record, 'id', '?')}): {what} missing; the truth ratio "
+                "needs them (TOFU perturbs authors 0-19 and 180-199 only)"
+            )
+
+
+class _Requests:
+    """Scoring requests gathered from every set, so one teacher-forced pass serves every metric."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+
+    def add(self, pairs: Sequence[tuple[str, str]]) -> range:
+        start = len(self.pairs)
+        self.pairs.extend(pairs)
+        return range(start, len(self.pairs))
+
+
+def score_model(
+    model: nn.Module, tokenizer: Any, sets: EvalSets, spec: EvalSpec, progress: bool = False
+) -> ModelScores:
+    """Per-item TOFU numbers for every non-empty split of ``sets`` and MIA scores when a holdout is given."""
+    splits = sets.tofu_splits()
+    if "forget" not in splits:
+        raise ValueError("no forget records to evaluate")
+    for kind, records in splits.items():
+        _check_records(kind, records)
+
+    questions = [record.question for records in splits.values() for record in records]
+    generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
+
+    requests = _Requests()
+    layout: dict[str, dict[str, Any]] = {}
+    for kind, records in splits.items():
+        gold = requests.add([(r.question, r.answer) for r in records])
+        base = requests.add([(r.question, r.paraphrased_answer) for r in records]) if kind in PARAPHRASE_SPLITS else gold
+        perturbed = [requests.add([(r.question, a) for a in r.perturbed_answers]) for r in records]
+        layout[kind] = {"gold": gold, "base": base, "perturbed": perturbed}
+    holdout = requests.add([(r.question, r.answer) for r in sets.holdout]) if len(sets.holdout) else None
+    logprobs = answer_token_logprobs(model, tokenizer, requests.pairs, spec.score_batch_size, spec.max_length, progress)
+    nlls = [mean_nll(item) for item in logprobs]
+
+    results: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for kind, records in splits.items():
+        answers = generated[offset : offset + len(records)]
+        offset += len(records)
+        where = layout[kind]
+        gold_nlls = [nlls[i] for i in where["gold"]]
+        base_nlls = [nlls[i] for i in where["base"]]
+        perturbed_nlls = [[nlls[i] for i in rng] for rng in where["perturbed"]]
+        rouge = rouge_l_recall(answers, [r.answer for r in records])
+        if kind in PARAPHRASE_SPLITS:
+            prob = answer_probability(gold_nlls)
+        else:
+            prob = normalized_probability(gold_nlls, perturbed_nlls)
+        ratios = truth_ratio(base_nlls, perturbed_nlls)
+        stat = forget_truth_ratio_stat(ratios) if kind == "forget" else retain_truth_ratio_stat(ratios)
+        results[kind] = {
+            "rouge": float(np.mean(rouge)),
+            "prob": float(np.mean(prob)),
+            "truth_ratio": stat,
+            "rouge_by_item": rouge,
+            "prob_by_item": prob,
+            "truth_ratios": ratios,
+            "n": len(records),
+        }
+
+    scores: dict[str, list[float]] = {}
+    if holdout is not None:
+        forget_lp = [logprobs[i] for i in layout["forget"]["gold"]]
+        holdout_lp = [logprobs[i] for i in holdout]
+        scores = {
+            "forget_min_k": [mia.min_k_prob_score(lp, spec.min_k) for lp in forget_lp],
+            "holdout_min_k": [mia.min_k_prob_score(lp, spec.min_k) for lp in holdout_lp],
+            "forget_loss": [mia.loss_score(lp) for lp in forget_lp],
+            "holdout_loss": [mia.loss_score(lp) for lp in holdout_lp],
+        }
+    return ModelScores(splits=results, mia=scores)
+
+
+def _privleak(scores: ModelScores, oracle: ModelScores, attack: str) -> float | None:
+    auc = muse.mia_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
+    reference = muse.mia_auc(oracle.mia[f"forget_{attack}"], oracle.mia[f"holdout_{attack}"])
+    if reference <= 0:
+        return None  # the oracle ranks every holdout item above every forget item: undefined ratio
+    return muse.privleak(auc, reference)
+
+
+def summarize(scores: ModelScores, oracle: ModelScores | None = None) -> dict[str, float]:
+    """The run's metrics of one model; keys present only where their inputs were measured.
+
+    ``oracle`` is the retain-only model's ``ModelScores`` on the same items (``scores`` itself for
+    the oracle row: forget quality 1.0, privleak 0).
+    """
+    out: dict[str, float] = {}
+    for kind, result in scores.splits.items():
+        out[f"{kind}_rouge"] = float(result["rouge"])
+        out[f"{kind}_prob"] = float(result["prob"])
+        out[f"{kind}_truth_ratio"] = float(result["truth_ratio"])
+    if oracle is not None and "forget" in oracle.splits:
+        mine, reference = scores.splits["forget"], oracle.splits["forget"]
+        if mine["n"] != reference["n"]:
+            raise ValueError(f"forget quality needs the same items: {mine['n']} vs the oracle's {reference['n']}")
+        out["forget_quality"] = forget_quality(mine["truth_ratios"], reference["truth_ratios"])
+    if all(kind in scores.splits for kind in UTILITY_SPLITS):
+        out["model_utility"] = model_utility(model_utility_inputs(scores.splits))
+    if "retain" in scores.splits:
+        retain = scores.splits["retain"]
+        out["retain_utility"] = model_utility([retain["prob"], retain["rouge"], retain["truth_ratio"]])
+    if scores.mia:
+        out["mia_min_k_auc"] = mia.forget_holdout_auc(scores.mia["forget_min_k"], scores.mia["holdout_min_k"])
+        out["mia_loss_auc"] = mia.forget_holdout_auc(scores.mia["forget_loss"], scores.mia["holdout_loss"])
+        if oracle is not None and oracle.mia:
+            for attack, key in (("min_k", "privleak"), ("loss", "privleak_loss")):
+                value = _privleak(scores, oracle, attack)
+                if value is not None:
+                    out[key] = value
+    return out
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    sets: EvalSets,
+    spec: EvalSpec,
+    oracle: ModelScores | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], ModelScores]:
+    """``summarize(score_model(...), oracle)``; with ``oracle=None`` the model is its own reference."""
+    scores = score_model(model, tokenizer, sets, spec, progress)
+    return summarize(scores, oracle if oracle is not None else scores), scores
+
+
+def per_item(scores: ModelScores) -> dict[str, Any]:
+    """The per-item numbers of ``scores`` (JSON-ready, no text): truth ratios, ROUGE, Prob, MIA scores."""
+    return {
+        "splits": {
+            kind: {key: result[key] for key in ("rouge_by_item", "prob_by_item", "truth_ratios", "n")}
+            for kind, result in scores.splits.items()
+        },
+        "mia": dict(scores.mia),
+    }
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested metrics -> flat ``a.b.c`` keys with numeric leaves only (MLflow keys, flow return value)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat

@@ -1,16 +1,82 @@
-"""Human-readable run reports: tables of what was measured, the plots, and where every number came from."""
+"""Human-readable run reports: tables of what was measured, the plots, and where every number came from.
+
+Numbers, ids, counts and hashes only: the report never quotes the forget set or a model's answers.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+# Rows in reading order (metrics.json is written with sorted keys); other rows follow.
+ROW_ORDER = ("target", "oracle", "codebook", "codeunlearn", "random_codes")
+# Column key -> header, per table; a key missing from a row renders as "n/a".
+FORGET_COLUMNS = {
+    "forget_rouge": "forget ROUGE ↓",
+    "forget_prob": "forget Prob ↓",
+    "forget_truth_ratio": "forget TR",
+    "forget_quality": "forget quality ↑",
+}
+RETAIN_COLUMNS = {
+    "retain_rouge": "retain ROUGE ↑",
+    "retain_prob": "retain Prob ↑",
+    "retain_truth_ratio": "retain TR ↑",
+    "retain_utility": "retain utility ↑",
+}
+WORLD_COLUMNS = {
+    "real_authors_rouge": "RA ROUGE",
+    "real_authors_prob": "RA Prob",
+    "real_authors_truth_ratio": "RA TR",
+    "world_facts_rouge": "WF ROUGE",
+    "world_facts_prob": "WF Prob",
+    "world_facts_truth_ratio": "WF TR",
+    "model_utility": "model utility ↑",
+}
+MIA_COLUMNS = {
+    "mia_min_k_auc": "Min-K% AUC",
+    "mia_loss_auc": "LOSS AUC",
+    "privleak": "PrivLeak (Min-K%) →0",
+    "privleak_loss": "PrivLeak (LOSS) →0",
+}
+QUANT_COLUMNS = {
+    "quantizer": "quantizer",
+    "bits": "bits",
+    "group_size": "group",
+    "forget_rouge_full": "forget ROUGE full",
+    "forget_rouge": "forget ROUGE quantized",
+    "recovery": "recovery",
+    "retain_rouge": "retain ROUGE quantized",
+    "retain_change": "retain change",
+    "forget_quality": "forget quality quantized",
+    "weight_error": "weight rel. error",
+}
+RELEARN_COLUMNS = {
+    "heldout_rouge_before": "held-out ROUGE before",
+    "heldout_rouge_after": "held-out ROUGE after",
+    "recovery": "recovery",
+    "excess_over_oracle": "after − oracle after",
+    "attack_half_rouge_after": "attacked-half ROUGE after",
+    "final_loss": "final loss",
+}
+CODE_COLUMNS = {
+    "masked_usage_forget": "forget code slots disabled",
+    "masked_usage_retain": "retain code slots disabled",
+    "selectivity": "forget / retain",
+}
 
-def markdown_table(rows: Mapping[str, Mapping[str, float]], columns: list[str], digits: int = 3) -> str:
-    header = "| model | " + " | ".join(columns) + " |"
-    rule = "|---|" + "---|" * len(columns)
+
+def markdown_table(
+    rows: Mapping[str, Mapping[str, Any]],
+    columns: Sequence[str] | Mapping[str, str],
+    digits: int = 3,
+    label: str = "model",
+) -> str:
+    """A markdown table, one row per key of ``rows``; ``columns`` maps keys to headers (or lists keys)."""
+    headers = dict(columns) if isinstance(columns, Mapping) else {c: c for c in columns}
+    header = f"| {label} | " + " | ".join(headers.values()) + " |"
+    rule = "|---|" + "---:|" * len(headers)
     body = [
-        f"| {name} | " + " | ".join(_fmt(values.get(col), digits) for col in columns) + " |"
+        f"| {name} | " + " | ".join(_fmt(values.get(col), digits) for col in headers) + " |"
         for name, values in rows.items()
     ]
     return "\n".join([header, rule, *body])
@@ -20,17 +86,73 @@ def _fmt(value: Any, digits: int) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float):
+        if value != 0 and abs(value) < 0.5 * 10 ** (-digits):
+            return f"{value:.1e}"  # KS p-values of a clearly different model are tiny, not zero
         return f"{value:.{digits}f}"
     return str(value)
 
 
+def quantization_rows(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One row per (model, quantizer spec), with the model's full-precision forget ROUGE beside it."""
+    rows: dict[str, dict[str, Any]] = {}
+    for model, values in metrics.items():
+        for name, quant in (values.get("quant") or {}).items():
+            bits = quant.get("bits")
+            rows[f"{model} / {name}"] = {
+                **quant,
+                "quantizer": name.split("_w")[0],
+                "bits": int(bits) if bits is not None else None,
+                "group_size": int(quant["group_size"]) if quant.get("group_size") is not None else None,
+                "forget_rouge_full": values.get("forget_rouge"),
+            }
+    return rows
+
+
+def relearn_rows(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    oracle_after = (metrics.get("oracle", {}).get("relearn") or {}).get("heldout_rouge_after")
+    rows = {}
+    for model, values in metrics.items():
+        relearn = values.get("relearn")
+        if not relearn:
+            continue
+        excess = None if oracle_after is None else relearn["heldout_rouge_after"] - oracle_after
+        rows[model] = {**relearn, "excess_over_oracle": excess}
+    return rows
+
+
+def code_rows(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    rows = {}
+    for model in ("codeunlearn", "random_codes"):
+        values = metrics.get(model, {})
+        if "masked_usage_forget" not in values:
+            continue
+        forget, retain = values["masked_usage_forget"], values["masked_usage_retain"]
+        rows[model] = {
+            "masked_usage_forget": forget,
+            "masked_usage_retain": retain,
+            "selectivity": forget / retain if retain > 0 else None,
+        }
+    return rows
+
+
+def _skipped_quantizers(details: Mapping[str, Any]) -> list[str]:
+    notes = set()
+    for per_model in (details.get("quantization") or {}).values():
+        for name, record in per_model.items():
+            if "skipped" in record:
+                notes.add(f"- `{name}` skipped: {record['skipped']}")
+    return sorted(notes)
+
+
 def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     """Markdown report of one run. Holds counts, hashes and metrics only: never the forget set's text."""
-    metrics = inputs["metrics"]
-    columns = sorted({name for values in metrics.values() for name in values})
+    metrics = {name: inputs["metrics"][name] for name in ROW_ORDER if name in inputs["metrics"]}
+    metrics.update({name: values for name, values in inputs["metrics"].items() if name not in metrics})
+    details = inputs.get("details") or {}
     splits = inputs["splits"]
     mask = inputs["mask"]
     codebook = inputs["codebook"]
+    sets = details.get("sets", {})
     lines = [
         f"# CodeUnlearn run report: profile `{inputs['profile']}`",
         "",
@@ -43,6 +165,15 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             f"`{splits[f'{name}_sha256'][:16]}`"
             for name in ("forget", "retain", "holdout")
         ),
+    ]
+    if sets:
+        lines += [
+            "- evaluated: "
+            + ", ".join(f"{sets.get(k, 0)} {k.replace('_', ' ')}" for k in ("forget", "retain", "real_authors",
+                                                                              "world_facts", "holdout"))
+            + " items (fixed, evenly spaced subsets; see params `evaluate`)",
+        ]
+    lines += [
         "",
         "## Codebook",
         "",
@@ -56,10 +187,89 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         "## Results",
         "",
-        markdown_table(metrics, columns),
+        "Rows: `target` (trained on forget + retain), `oracle` (retain only: what forgetting should look "
+        "like), `codebook` (target with the bottleneck, nothing disabled), `codeunlearn` (mask applied) and "
+        "`random_codes` (as many codes disabled, drawn at random: the selectivity control).",
         "",
-        "`random_codes` disables as many codes as CodeUnlearn, drawn at random: the selectivity control.",
+        "### Forgetting (TOFU)",
         "",
-        *(f"![{title}]({path})\n" for title, path in plots.items()),
+        markdown_table(metrics, FORGET_COLUMNS),
+        "",
+        "ROUGE is ROUGE-L recall of the greedy answer; Prob the length-normalised answer probability. "
+        "TR is the truth-ratio statistic mean(min(R, 1/R)); on the forget set the goal is the oracle's value, "
+        "not the largest one. Forget quality is the KS-test p-value of the per-item truth ratios against "
+        "this run's oracle (1.0 for the oracle itself; above 0.05 = indistinguishable).",
+        "",
+        "### Utility (TOFU)",
+        "",
+        markdown_table(metrics, RETAIN_COLUMNS),
+        "",
+        markdown_table(metrics, WORLD_COLUMNS),
+        "",
+        "Retain TR is mean(max(0, 1 − R)). Model utility is TOFU's harmonic mean of the nine retain, "
+        "real-authors (RA) and world-facts (WF) numbers; retain utility is the harmonic mean of the three "
+        "retain numbers alone (a model trained from scratch knows no real authors or world facts, which "
+        "pins its model utility near zero whatever unlearning does).",
+        "",
+        "### Membership inference",
+        "",
+        markdown_table(metrics, MIA_COLUMNS),
+        "",
+        "Attack AUC of telling forget QAs (members) from holdout QAs (authors no model saw), scored on "
+        "answer tokens: 1.0 = the forget set still looks trained on, 0.5 = like unseen authors. PrivLeak is "
+        "MUSE's (AUC − AUC_oracle) / AUC_oracle × 100 with this run's oracle as reference: 0 is ideal, "
+        "strongly negative = under-unlearned, strongly positive = over-unlearned.",
     ]
+    quant = quantization_rows(metrics)
+    if quant:
+        lines += [
+            "",
+            "### Quantization attack",
+            "",
+            markdown_table(quant, QUANT_COLUMNS, label="model / quantizer"),
+            "",
+            "Each model as deployed (CodeUnlearn with its mask) re-quantized, linear weights only (embeddings, "
+            "LM head and the codebook stay in full precision): `rtn` is symmetric round-to-nearest with one "
+            "scale per group of input columns, `torchao` its IntxWeightOnly per-group integer weights. "
+            "Recovery = forget ROUGE quantized − full precision (> 0: quantization revives forgotten "
+            "answers, the failure Zhang et al. 2024 found in gradient methods).",
+            *_skipped_quantizers(details),
+        ]
+    relearn = relearn_rows(metrics)
+    if relearn:
+        spec = (details.get("relearn") or {}).get("spec", {})
+        setup = (
+            f" ({spec['steps']} steps, batch {spec['batch_size']}, lr {spec['lr']:g})" if spec else ""
+        )
+        lines += [
+            "",
+            "### Relearning attack",
+            "",
+            markdown_table(relearn, RELEARN_COLUMNS),
+            "",
+            f"A copy of each model fine-tuned on half of the forget set{setup}; ROUGE measured on the other "
+            "half, which the attack never showed. Recovery = after − before. The oracle's row is the "
+            "reference: what learning the unseen half from the attacked half alone gives; a model that "
+            "truly forgot should not exceed it (`after − oracle after` near 0).",
+        ]
+    codes = code_rows(metrics)
+    if codes:
+        lines += [
+            "",
+            "### Code usage",
+            "",
+            markdown_table(codes, CODE_COLUMNS, label="mask"),
+            "",
+            "Share of the unmasked codebook model's code slots on the forget and the retain set that each mask "
+            "disables: a selective mask takes much more of the forget set's codes than of the retain set's.",
+        ]
+    timing = details.get("timing_s")
+    if timing:
+        lines += [
+            "",
+            f"Evaluation took {timing['total']:.0f} s (" + ", ".join(
+                f"{k} {v:.0f} s" for k, v in timing.items() if k != "total"
+            ) + ").",
+        ]
+    lines += ["", "## Plots", "", *(f"![{title}]({path})\n" for title, path in plots.items())]
     return "\n".join(lines) + "\n"

@@ -58,6 +58,13 @@ class RunContext:
     def stage_dir(self, name: str) -> Path:
         return self.out_dir / name
 
+    def method_params(self, method: str, provenance: dict[str, Any]) -> dict[str, Any]:
+        """A method's params block (CodeUnlearn's is ``select``), with the run's seed and progress flag."""
+        block = self.settings["select"] if method == "codeunlearn" else self.settings["methods"].get(method)
+        if block is None:
+            raise KeyError(f"params.yaml: no block 'methods.{method}'")
+        return {**block, "seed": self.settings["seed"], "progress": self.progress, "provenance": provenance}
+
     def with_parent(self, run_id: str | None) -> RunContext:
         return replace(self, parent_run_id=run_id)
 

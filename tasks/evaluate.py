@@ -1,29 +1,72 @@
-"""Stage 8: score target, oracle, codebook, CodeUnlearn and the matched random-code control side by side."""
+"""Stage 8: the full evaluation suite for target, oracle, codebook, CodeUnlearn and the random-code control.
+
+Per model: TOFU forget / retain / real-authors / world-facts numbers, forget quality and PrivLeak
+against this run's oracle, membership inference, then the quantization and relearning attacks on
+the model as deployed (CodeUnlearn with its mask applied). Writes ``eval/metrics.json`` (nested by
+model: the DVC metrics), ``eval/details.json`` (per-item numbers, quantizer records, code usage,
+timings; never text) and the plots; logs every number to MLflow as ``<model>.<metric>``.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
-from codeunlearn.data import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge  # noqa: E402
+from codeunlearn.attacks import (  # noqa: E402
+    RelearnSpec,
+    quantization_attack,
+    quantization_specs,
+    relearn_attack,
+)
+from codeunlearn.checkpoints import Checkpoint  # noqa: E402
+from codeunlearn.data import load_tofu_file, read_jsonl_records, records_sha256  # noqa: E402
+from codeunlearn.evaluation import (  # noqa: E402
+    EvalSets,
+    EvalSpec,
+    ModelScores,
+    evenly_spaced,
+    flatten_metrics,
+    has_truth_ratio_data,
+    per_item,
+    score_model,
+    summarize,
+)
 from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import apply_mask, load_mask, random_mask_like, unmask  # noqa: E402
+from codeunlearn.masking import CodeMask, apply_mask, count_codes, load_mask, random_mask_like, unmask  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.models import load_role  # noqa: E402
 
+log = logging.getLogger(__name__)
+
 ROWS = ("target", "oracle", "codebook", "codeunlearn", "random_codes")
+# The oracle is scored first: forget quality and PrivLeak of every other row are relative to it.
+ORDER = ("oracle", "target", "codebook", "codeunlearn", "random_codes")
+PLOTS = {
+    "rouge.png": "ROUGE-L, forget vs retain",
+    "quantization.png": "Quantization attack: forget ROUGE and recovery per precision",
+    "codes.png": "Code usage on forget vs retain, disabled codes highlighted",
+}
 
 
-def rouge_plot(metrics: dict[str, dict[str, float]], path: Path) -> None:
+# --------------------------------------------------------------------------------------- plots
+
+
+def rouge_plot(metrics: dict[str, dict[str, Any]], path: Path) -> None:
     names = list(metrics)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -39,35 +82,253 @@ def rouge_plot(metrics: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def quantization_plot(metrics: dict[str, dict[str, Any]], path: Path) -> None:
+    """Left: forget ROUGE at full precision and per quantizer; right: recovery (quantized - full)."""
+    models = [m for m in metrics if metrics[m].get("quant")]
+    specs = sorted(
+        {name for m in models for name in metrics[m]["quant"]},
+        key=lambda n: (-int(n.split("_w")[1].split("_")[0]), n),
+    )
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    positions = np.arange(len(specs) + 1)
+    width = 0.8 / max(1, len(models))
+    for i, model in enumerate(models):
+        quant = metrics[model]["quant"]
+        values = [metrics[model]["forget_rouge"], *[quant.get(s, {}).get("forget_rouge", np.nan) for s in specs]]
+        left.plot(positions, values, marker="o", label=model)
+        recoveries = [quant.get(s, {}).get("recovery", np.nan) for s in specs]
+        right.bar(np.arange(len(specs)) + (i - (len(models) - 1) / 2) * width, recoveries, width, label=model)
+    left.set_xticks(positions, ["full", *specs], rotation=20, fontsize=8)
+    left.set_ylabel("forget ROUGE-L recall")
+    left.set_ylim(0, 1.05)
+    left.legend(fontsize=7)
+    right.axhline(0, color="black", linewidth=0.8)
+    right.set_xticks(np.arange(len(specs)), specs, rotation=20, fontsize=8)
+    right.set_ylabel("recovery (quantized - full)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def codes_plot(usage: dict[str, Any], path: Path) -> None:
+    """Per-code usage rate on retain (x) vs forget (y), log-log; disabled and random-control codes marked."""
+    forget = np.asarray(usage["forget_rate"])
+    retain = np.asarray(usage["retain_rate"])
+    floor = 0.5 / max(usage["forget_slots"], usage["retain_slots"])
+    fx, fy = np.maximum(retain, floor), np.maximum(forget, floor)
+    live = (forget > 0) | (retain > 0)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.scatter(fx[live], fy[live], s=6, color="0.6", label=f"live codes ({int(live.sum())})")
+    random_ids = usage["random_ids"]
+    ax.scatter(fx[random_ids], fy[random_ids], s=26, facecolors="none", edgecolors="tab:blue",
+               label=f"random control ({len(random_ids)})")
+    mask_ids = usage["mask_ids"]
+    ax.scatter(fx[mask_ids], fy[mask_ids], s=18, color="tab:red", label=f"disabled by CodeUnlearn ({len(mask_ids)})")
+    bounds = [floor * 0.8, max(fx.max(), fy.max()) * 1.25]
+    ax.plot(bounds, bounds, color="black", linewidth=0.6, linestyle="--")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(bounds)
+    ax.set_ylim(bounds)
+    ax.set_xlabel("usage rate on retain (share of code slots)")
+    ax.set_ylabel("usage rate on forget (share of code slots)")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------ the stage
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Evaluation decodes in small batches: a tiny model runs fastest on one thread (no OpenMP spinning)."""
+    if not threads:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def eval_spec(cfg: dict[str, Any]) -> EvalSpec:
+    return EvalSpec(
+        max_new_tokens=cfg["max_new_tokens"],
+        batch_size=cfg["batch_size"],
+        score_batch_size=cfg["score_batch_size"],
+        max_length=cfg["max_length"],
+        min_k=cfg["mia"]["min_k"],
+    )
+
+
+def load_sets(ctx: RunContext) -> EvalSets:
+    """The evaluation records: forget and retain with truth-ratio data, RA/WF subsets, the MIA holdout."""
+    cfg = ctx.settings["evaluate"]
+    splits = ctx.stage_dir("splits")
+    tofu_dir = ctx.resolve(ctx.settings["paths"]["tofu_dir"])
+
+    def usable(records: list, kind: str, size: int) -> list:
+        kept = [r for r in records if has_truth_ratio_data(r, kind)]
+        if len(kept) < len(records):
+            log.warning("%s: %d of %d records lack perturbed data and are not evaluated", kind,
+                        len(records) - len(kept), len(records))
+        if not kept:
+            raise ValueError(f"{kind}: no record carries the perturbed answers the truth ratio needs")
+        return evenly_spaced(kept, size)
+
+    forget = usable(read_jsonl_records(splits / "forget.jsonl"), "forget", cfg["forget_eval_size"])
+    retain = usable(read_jsonl_records(splits / "retain.jsonl"), "retain", cfg["retain_eval_size"])
+    extra = {}
+    for kind in ("real_authors", "world_facts"):
+        size = cfg[f"{kind}_size"]
+        extra[kind] = [] if size < 0 else evenly_spaced(load_tofu_file(tofu_dir / f"{kind}_perturbed.json"), size)
+    holdout_file = cfg["mia"]["holdout_file"]
+    holdout = (
+        load_tofu_file(tofu_dir / holdout_file) if holdout_file else read_jsonl_records(splits / "holdout.jsonl")
+    )
+    holdout = evenly_spaced(holdout, cfg["mia"]["holdout_size"])
+    if not holdout:
+        log.warning("no holdout records: membership inference and PrivLeak are skipped")
+    return EvalSets(forget=forget, retain=retain, holdout=holdout, **extra)
+
+
+def code_usage(
+    checkpoint: Checkpoint, forget_records: list, retain_records: list, mask: CodeMask, control: CodeMask,
+    select: dict[str, Any],
+) -> dict[str, Any]:
+    """Per-code usage rates of the unmasked codebook model on forget vs retain (the selection's view)."""
+    counting = {"batch_size": select["batch_size"], "max_length": select["max_length"], "positions": select["positions"]}
+    forget = count_codes(checkpoint.model, checkpoint.bottleneck, checkpoint.tokenizer, forget_records, **counting)
+    kept = count_codes(checkpoint.model, checkpoint.bottleneck, checkpoint.tokenizer, retain_records, **counting)
+    forget_rate = (forget.counts.double() / max(1, forget.slots)).numpy()
+    retain_rate = (kept.counts.double() / max(1, kept.slots)).numpy()
+
+    def share(ids: list[int], rate: np.ndarray) -> float:
+        return float(rate[ids].sum()) if ids else 0.0
+
+    return {
+        "forget_rate": forget_rate.tolist(),
+        "retain_rate": retain_rate.tolist(),
+        "forget_slots": forget.slots,
+        "retain_slots": kept.slots,
+        "mask_ids": list(mask.disabled_ids),
+        "random_ids": list(control.disabled_ids),
+        "positions": select["positions"],
+        "live_forget": int((forget.counts > 0).sum()),
+        "live_retain": int((kept.counts > 0).sum()),
+        "codeunlearn": {
+            "masked_usage_forget": share(mask.disabled_ids, forget_rate),
+            "masked_usage_retain": share(mask.disabled_ids, retain_rate),
+        },
+        "random_codes": {
+            "masked_usage_forget": share(control.disabled_ids, forget_rate),
+            "masked_usage_retain": share(control.disabled_ids, retain_rate),
+        },
+    }
+
+
+@contextmanager
+def deployed(checkpoint: Checkpoint, mask: CodeMask | None, source: str) -> Iterator[Checkpoint]:
+    """The codebook model with ``mask`` applied for the duration (unmasked again afterwards)."""
+    if mask is None:
+        yield checkpoint
+        return
+    apply_mask(checkpoint.bottleneck, mask, source=source)
+    try:
+        yield checkpoint
+    finally:
+        unmask(checkpoint.bottleneck)
+
+
 @task(name="evaluate", cache_policy=NONE)
 def evaluate(ctx: RunContext) -> dict:
-    splits = ctx.stage_dir("splits")
+    started = time.perf_counter()
     cfg = ctx.settings["evaluate"]
-    forget = read_jsonl_records(splits / "forget.jsonl")
-    retain = evenly_spaced(read_jsonl_records(splits / "retain.jsonl"), cfg["retain_eval_size"])
-    spec = GenerationSpec(cfg["max_new_tokens"], cfg["batch_size"])
-
-    def score(checkpoint) -> dict[str, float]:
-        return forget_retain_rouge(checkpoint.model, checkpoint.tokenizer, forget, retain, spec, ctx.progress)
-
-    metrics = {role: score(load_role(ctx, role)) for role in ("target", "oracle")}
-    codebook_model = load_role(ctx, "codebook")
-    metrics["codebook"] = score(codebook_model)
-    mask = load_mask(ctx.stage_dir("mask"))
-    apply_mask(codebook_model.bottleneck, mask, source=str(ctx.stage_dir("mask")))
-    metrics["codeunlearn"] = score(codebook_model)
-    unmask(codebook_model.bottleneck)
+    sets = load_sets(ctx)
+    spec = eval_spec(cfg)
+    quant_cfg, relearn_cfg = cfg["quantization"], cfg["relearn"]
+    qspecs = quantization_specs(quant_cfg) if quant_cfg["enabled"] else []
+    relearn_spec = RelearnSpec(
+        steps=relearn_cfg["steps"],
+        batch_size=relearn_cfg["batch_size"],
+        lr=relearn_cfg["lr"],
+        weight_decay=relearn_cfg["weight_decay"],
+        warmup_steps=relearn_cfg["warmup_steps"],
+        max_length=cfg["max_length"],
+        grad_clip=relearn_cfg["grad_clip"],
+        seed=ctx.settings["seed"],
+    )
+    mask_dir = ctx.stage_dir("mask")
+    mask = load_mask(mask_dir)
     control = random_mask_like(mask, np.random.default_rng(ctx.settings["seed"]))
-    apply_mask(codebook_model.bottleneck, control)
-    metrics["random_codes"] = score(codebook_model)
-    unmask(codebook_model.bottleneck)
+
+    metrics: dict[str, dict[str, Any]] = {}
+    details: dict[str, Any] = {
+        "sets": {
+            **sets.counts(),
+            **{f"{k}_sha256": records_sha256(getattr(sets, k)) for k in ("forget", "retain", "holdout") if getattr(sets, k)},
+        },
+        "per_item": {},
+        "quantization": {},
+        "relearn": {"spec": asdict(relearn_spec), "split": "even positions attack, odd positions held out"},
+        "timing_s": {},
+        "random_control_ids": list(control.disabled_ids),
+    }
+    oracle_scores: ModelScores | None = None
+
+    def run_suite(name: str, checkpoint: Checkpoint) -> None:
+        nonlocal oracle_scores
+        began = time.perf_counter()
+        scores = score_model(checkpoint.model, checkpoint.tokenizer, sets, spec, ctx.progress)
+        if name == "oracle":
+            oracle_scores = scores
+        row: dict[str, Any] = summarize(scores, oracle_scores)
+        details["per_item"][name] = per_item(scores)
+        if qspecs and name in quant_cfg["models"]:
+            row["quant"], details["quantization"][name] = quantization_attack(
+                checkpoint.model, checkpoint.tokenizer, sets, spec, qspecs, row, oracle_scores, ctx.progress
+            )
+        if relearn_cfg["enabled"] and name in relearn_cfg["models"]:
+            row["relearn"] = relearn_attack(
+                checkpoint.model, checkpoint.tokenizer, sets.forget, relearn_spec, spec.generation, ctx.progress
+            )
+        metrics[name] = row
+        details["timing_s"][name] = time.perf_counter() - began
+        log.info("evaluated %s in %.1f s", name, details["timing_s"][name])
+
+    with torch_threads(cfg.get("threads")):
+        for role in ("oracle", "target"):
+            run_suite(role, load_role(ctx, role))
+        codebook_model = load_role(ctx, "codebook")
+        for name, applied in (("codebook", None), ("codeunlearn", mask), ("random_codes", control)):
+            with deployed(codebook_model, applied, source=str(mask_dir)):
+                run_suite(name, codebook_model)
+        usage = code_usage(codebook_model, sets.forget, sets.retain, mask, control, ctx.settings["select"])
+    for name in ("codeunlearn", "random_codes"):
+        metrics[name].update(usage.pop(name))
+    metrics = {name: metrics[name] for name in ROWS}
+    details["timing_s"]["total"] = time.perf_counter() - started
 
     out = ctx.stage_dir("eval")
     write_json(out / "metrics.json", metrics)
+    write_json(out / "details.json", details)
+    write_json(out / "code_usage.json", usage)
     rouge_plot(metrics, out / "rouge.png")
+    if any(values.get("quant") for values in metrics.values()):
+        quantization_plot(metrics, out / "quantization.png")
+    else:
+        (out / "quantization.png").unlink(missing_ok=True)  # no stale plot of an earlier run
+    codes_plot(usage, out / "codes.png")
+    flat = {name: flatten_metrics(values) for name, values in metrics.items()}
     with tracking.stage_run(ctx, "evaluate"):
-        tracking.log_metrics(
-            {f"{row}.{name}": value for row, values in metrics.items() for name, value in values.items()}
-        )
+        tracking.log_metrics({f"{row}.{key}": value for row, values in flat.items() for key, value in values.items()})
+        tracking.log_metrics({f"timing.{k}_s": v for k, v in details["timing_s"].items()})
         tracking.log_artifacts(out, "eval")
-    return metrics
+    log.info("evaluate stage: %.1f s", time.perf_counter() - started)
+    return flat

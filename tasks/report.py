@@ -9,10 +9,13 @@ from codeunlearn.io import atomic_write_text, read_json
 from codeunlearn.report import render_report
 from tasks import tracking
 from tasks.context import RunContext
+from tasks.evaluate import PLOTS
 
 
 @task(name="report", cache_policy=NONE)
 def report(ctx: RunContext) -> str:
+    eval_dir = ctx.stage_dir("eval")
+    details = eval_dir / "details.json"
     inputs = {
         "profile": ctx.profile,
         "params_hash": ctx.params_hash,
@@ -20,11 +23,15 @@ def report(ctx: RunContext) -> str:
         "codebook": read_json(ctx.stage_dir("models") / "codebook" / "training.json"),
         "mask": read_json(ctx.stage_dir("mask") / "mask.json"),
         "select": read_json(ctx.stage_dir("mask") / "stats.json"),
-        "metrics": read_json(ctx.stage_dir("eval") / "metrics.json"),
+        "metrics": read_json(eval_dir / "metrics.json"),
+        "details": read_json(details) if details.exists() else {},
     }
+    plots = {title: f"../eval/{name}" for name, title in PLOTS.items() if (eval_dir / name).exists()}
     path = ctx.stage_dir("report") / "report.md"
-    atomic_write_text(path, render_report(inputs, plots={"ROUGE-L, forget vs retain": "../eval/rouge.png"}))
+    atomic_write_text(path, render_report(inputs, plots=plots))
     with tracking.stage_run(ctx, "report"):
         tracking.log_artifacts(path, "report")
-        tracking.log_artifacts(ctx.stage_dir("eval") / "rouge.png", "report")
+        for name in PLOTS:
+            if (eval_dir / name).exists():
+                tracking.log_artifacts(eval_dir / name, "report")
     return str(path)

@@ -22,8 +22,7 @@ def select_codes(ctx: RunContext) -> dict:
     forget = read_jsonl_records(splits / "forget.jsonl")
     retain = read_jsonl_records(splits / "retain.jsonl")
     codebook_model = load_role(ctx, "codebook")
-    select = ctx.settings["select"]
-    params = {**select, "provenance": {"params_hash": ctx.params_hash, "request": "pipeline"}}
+    params = ctx.method_params("codeunlearn", {"params_hash": ctx.params_hash, "request": "pipeline"})
     started = time.perf_counter()
     with tracking.stage_run(ctx, "select_codes"):
         result = get_method("codeunlearn").unlearn(

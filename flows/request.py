@@ -1,0 +1,31 @@
+"""An unlearning request as a Prefect flow: validate -> unlearn -> evaluate -> register."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks import tracking
+from tasks.context import make_context
+from tasks.request import evaluate_request, load_request, register_request, unlearn_request
+
+
+@flow(name="codeunlearn-request")
+def unlearn(
+    forget_file: str, method: str = "codeunlearn", profile: str | None = None, params_file: str | None = None
+) -> dict:
+    """Forget the QAs in ``forget_file`` on the profile's trained models (run the pipeline once first)."""
+    ctx = make_context(profile, Path(params_file) if params_file else None)
+    with tracking.flow_run(ctx, f"request-{method}") as run_ctx:
+        request = load_request(run_ctx, forget_file)
+        unlearned = unlearn_request(run_ctx, forget_file, method, request)
+        metrics = evaluate_request(run_ctx, forget_file, method, request)
+        version = register_request(run_ctx, method, request, unlearned)
+    return {
+        **request,
+        "unlearn": unlearned,
+        "metrics": metrics,
+        "registered": version,
+        "mlflow_run_id": run_ctx.parent_run_id,
+    }
