@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,9 +214,12 @@ class SelectionSpec:
     # this margin is never disabled. Only meaningful when the control is not the retain set itself.
     protect_retain: bool = False
     protect_log_ratio: float = 0.0
+    # Iterative selection: disabled codes are replaced by their nearest neighbours, which may carry
+    # the same knowledge; re-counting with the mask applied finds those substitutes in later rounds.
+    rounds: int = 1
 
 
-def select_mask(
+def _select_once(
     model: nn.Module,
     bottleneck: CodebookBottleneck,
     tokenizer: Any,
@@ -227,7 +230,7 @@ def select_mask(
     progress: bool = False,
     retain: Sequence[Any] | None = None,
 ) -> tuple[CodeMask, Enrichment]:
-    """CodeUnlearn's zero-shot step: count, test, keep the top S' forget-enriched codes not yet disabled."""
+    """One round: count (with the codebook's current mask), test, keep the top forget-enriched codes."""
     counting = {"batch_size": spec.batch_size, "max_length": spec.max_length, "positions": spec.positions}
     forget_counts = count_codes(model, bottleneck, tokenizer, forget, progress=progress, **counting)
     control_counts = count_codes(model, bottleneck, tokenizer, control, progress=progress, **counting)
@@ -259,6 +262,60 @@ def select_mask(
         provenance=details,
     )
     return mask, enrichment
+
+
+def select_mask(
+    model: nn.Module,
+    bottleneck: CodebookBottleneck,
+    tokenizer: Any,
+    forget: Sequence[Any],
+    control: Sequence[Any],
+    spec: SelectionSpec,
+    provenance: dict[str, Any],
+    progress: bool = False,
+    retain: Sequence[Any] | None = None,
+) -> tuple[CodeMask, Enrichment]:
+    """CodeUnlearn's zero-shot step: S' forget-enriched codes, found in ``spec.rounds`` rounds.
+
+    The ids come out in the order they were chosen, so a prefix is the selection at a smaller S'.
+    The bottleneck's mask is left exactly as it was found.
+    """
+    if spec.rounds < 1:
+        raise ValueError(f"select.rounds must be >= 1, got {spec.rounds}")
+    per_round = -(-spec.num_codes_to_disable // spec.rounds)
+    found_with = bottleneck.disabled.clone()
+    ids: list[int] = []
+    scores: list[float] = []
+    first: tuple[CodeMask, Enrichment] | None = None
+    rounds_run = 0
+    try:
+        for _ in range(spec.rounds):
+            wanted = min(per_round, spec.num_codes_to_disable - len(ids))
+            if wanted <= 0:
+                break
+            mask, enrichment = _select_once(
+                model,
+                bottleneck,
+                tokenizer,
+                forget,
+                control,
+                replace(spec, num_codes_to_disable=wanted),
+                provenance,
+                progress,
+                retain,
+            )
+            first = first or (mask, enrichment)
+            if not mask.disabled_ids:
+                break
+            rounds_run += 1
+            ids.extend(mask.disabled_ids)
+            scores.extend(mask.scores)
+            bottleneck.disabled[torch.tensor(mask.disabled_ids, dtype=torch.long)] = True
+    finally:
+        bottleneck.disabled.copy_(found_with)
+    first_mask, first_enrichment = first
+    details = {**first_mask.provenance, "selection": asdict(spec), "rounds_run": rounds_run}
+    return CodeMask(ids, scores, first_mask.codebook_sha256, first_mask.num_codes, details), first_enrichment
 
 
 def ranked_mask(mask: CodeMask, size: int) -> CodeMask:

@@ -33,19 +33,23 @@ def frontier(
     """Rows of {selection, control, size, disabled, <metrics>}; the bottleneck is left unmasked."""
     unmask(bottleneck)
     rows = [{"selection": "none", "control": "-", "size": 0, "disabled": 0, **score()}]
-    largest = replace(spec, num_codes_to_disable=max(sizes))
-    selections: dict[str, CodeMask] = {}
+    # Iterative selection keeps its codes-per-round, so every prefix is what that S' would select.
+    per_round = -(-spec.num_codes_to_disable // spec.rounds)
+    variants = {
+        "one_shot": replace(spec, num_codes_to_disable=max(sizes), rounds=1),
+        "iterative": replace(spec, num_codes_to_disable=max(sizes), rounds=-(-max(sizes) // per_round)),
+    }
+    selections: dict[tuple[str, str], CodeMask] = {}
     for control_kind in controls:
         control = build_control(control_kind, forget, retain, name_min_mentions)
-        selections[control_kind], _ = select_mask(
-            model, bottleneck, tokenizer, forget, control, largest, {}, retain=retain
-        )
-        for size in sizes:
-            mask = ranked_mask(selections[control_kind], size)
-            rows.append(_point(bottleneck, mask, "codeunlearn", control_kind, size, score))
-    # The random control is matched in size to the first control's selection and disjoint from it.
+        for selection, variant in variants.items():
+            full, _ = select_mask(model, bottleneck, tokenizer, forget, control, variant, {}, retain=retain)
+            selections[(selection, control_kind)] = full
+            for size in sizes:
+                rows.append(_point(bottleneck, ranked_mask(full, size), selection, control_kind, size, score))
+    # The random control is matched in size to the first selection and disjoint from it.
     rng = np.random.default_rng(seed)
-    reference = selections[controls[0]]
+    reference = selections[("iterative", controls[0])]
     for size in sizes:
         control_mask = random_mask_like(ranked_mask(reference, size), rng)
         rows.append(_point(bottleneck, control_mask, "random", "-", size, score))

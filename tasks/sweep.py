@@ -28,7 +28,7 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
         points = sorted(
             (r for r in rows if (r["selection"], r["control"]) == (selection, control)), key=lambda r: r["size"]
         )
-        label = f"{selection} ({control})" if selection != "random" else "random codes"
+        label = f"{selection}, control: {control}" if selection != "random" else "random codes"
         ax.plot([p["forget_rouge"] for p in points], [p["retain_rouge"] for p in points], "o-", label=label)
         for p in points:
             ax.annotate(str(p["size"]), (p["forget_rouge"], p["retain_rouge"]), fontsize=7)
