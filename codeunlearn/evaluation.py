@@ -228,7 +228,9 @@ def score_model(
     layout: dict[str, dict[str, Any]] = {}
     for kind, records in splits.items():
         gold = requests.add([(r.question, r.answer) for r in records])
-        base = requests.add([(r.question, r.paraphrased_answer) for r in records]) if kind in PARAPHRASE_SPLITS else gold
+        base = (
+            requests.add([(r.question, r.paraphrased_answer) for r in records]) if kind in PARAPHRASE_SPLITS else gold
+        )
         perturbed = [requests.add([(r.question, a) for a in r.perturbed_answers]) for r in records]
         layout[kind] = {"gold": gold, "base": base, "perturbed": perturbed}
     holdout = requests.add([(r.question, r.answer) for r in sets.holdout]) if len(sets.holdout) else None

@@ -96,7 +96,8 @@ def quantization_rows(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dic
     """One row per (model, quantizer spec), with the model's full-precision forget ROUGE beside it."""
     rows: dict[str, dict[str, Any]] = {}
     for model, values in metrics.items():
-        for name, quant in (values.get("quant") or {}).items():
+        ordered = sorted((values.get("quant") or {}).items(), key=lambda item: (-item[1].get("bits", 0), item[0]))
+        for name, quant in ordered:
             bits = quant.get("bits")
             rows[f"{model} / {name}"] = {
                 **quant,
@@ -169,8 +170,10 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if sets:
         lines += [
             "- evaluated: "
-            + ", ".join(f"{sets.get(k, 0)} {k.replace('_', ' ')}" for k in ("forget", "retain", "real_authors",
-                                                                              "world_facts", "holdout"))
+            + ", ".join(
+                f"{sets.get(k, 0)} {k.replace('_', ' ')}"
+                for k in ("forget", "retain", "real_authors", "world_facts", "holdout")
+            )
             + " items (fixed, evenly spaced subsets; see params `evaluate`)",
         ]
     lines += [
@@ -238,9 +241,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     relearn = relearn_rows(metrics)
     if relearn:
         spec = (details.get("relearn") or {}).get("spec", {})
-        setup = (
-            f" ({spec['steps']} steps, batch {spec['batch_size']}, lr {spec['lr']:g})" if spec else ""
-        )
+        setup = f" ({spec['steps']} steps, batch {spec['batch_size']}, lr {spec['lr']:g})" if spec else ""
         lines += [
             "",
             "### Relearning attack",
@@ -267,9 +268,9 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     if timing:
         lines += [
             "",
-            f"Evaluation took {timing['total']:.0f} s (" + ", ".join(
-                f"{k} {v:.0f} s" for k, v in timing.items() if k != "total"
-            ) + ").",
+            f"Evaluation took {timing['total']:.0f} s ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if k != "total")
+            + ").",
         ]
     lines += ["", "## Plots", "", *(f"![{title}]({path})\n" for title, path in plots.items())]
     return "\n".join(lines) + "\n"

@@ -13,12 +13,13 @@ from tasks.stages import PIPELINE
 
 
 @flow(name="codeunlearn-pipeline")
-def pipeline(profile: str | None = None, params_file: str | None = None) -> dict:
+def pipeline(profile: str | None = None, params_file: str | None = None, resume: bool = True) -> dict:
     """prepare -> validate -> base -> target + oracle -> codebook -> select -> evaluate -> report.
 
-    A failed validation raises inside its task, so the flow stops before any model is touched.
+    A failed validation raises inside its task, so the flow stops before any model is touched. With
+    ``resume`` (the default) stages completed under the same settings and data are not redone.
     """
-    ctx = make_context(profile, Path(params_file) if params_file else None)
+    ctx = make_context(profile, Path(params_file) if params_file else None, overrides={"resume": resume})
     results: dict = {}
     with tracking.flow_run(ctx, f"pipeline-{ctx.profile}") as run_ctx:
         for name, stage in PIPELINE.items():
@@ -30,8 +31,9 @@ def pipeline(profile: str | None = None, params_file: str | None = None) -> dict
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__)
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` field)")
+    parser.add_argument("--no-resume", action="store_true", help="redo every stage, even completed ones")
     args = parser.parse_args(argv)
-    results = pipeline(profile=args.profile)
+    results = pipeline(profile=args.profile, resume=not args.no_resume)
     metrics = results["evaluate"]
     print(f"report: {results['report']}")
     for row, values in metrics.items():

@@ -121,8 +121,14 @@ def codes_plot(usage: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ax.scatter(fx[live], fy[live], s=6, color="0.6", label=f"live codes ({int(live.sum())})")
     random_ids = usage["random_ids"]
-    ax.scatter(fx[random_ids], fy[random_ids], s=26, facecolors="none", edgecolors="tab:blue",
-               label=f"random control ({len(random_ids)})")
+    ax.scatter(
+        fx[random_ids],
+        fy[random_ids],
+        s=26,
+        facecolors="none",
+        edgecolors="tab:blue",
+        label=f"random control ({len(random_ids)})",
+    )
     mask_ids = usage["mask_ids"]
     ax.scatter(fx[mask_ids], fy[mask_ids], s=18, color="tab:red", label=f"disabled by CodeUnlearn ({len(mask_ids)})")
     bounds = [floor * 0.8, max(fx.max(), fy.max()) * 1.25]
@@ -131,8 +137,8 @@ def codes_plot(usage: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlim(bounds)
     ax.set_ylim(bounds)
-    ax.set_xlabel("usage rate on retain (share of code slots)")
-    ax.set_ylabel("usage rate on forget (share of code slots)")
+    ax.set_xlabel("usage rate on retain split (share of code slots; unused at the edge)")
+    ax.set_ylabel("usage rate on forget set (share of code slots)")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,8 +182,12 @@ def load_sets(ctx: RunContext) -> EvalSets:
     def usable(records: list, kind: str, size: int) -> list:
         kept = [r for r in records if has_truth_ratio_data(r, kind)]
         if len(kept) < len(records):
-            log.warning("%s: %d of %d records lack perturbed data and are not evaluated", kind,
-                        len(records) - len(kept), len(records))
+            log.warning(
+                "%s: %d of %d records lack perturbed data and are not evaluated",
+                kind,
+                len(records) - len(kept),
+                len(records),
+            )
         if not kept:
             raise ValueError(f"{kind}: no record carries the perturbed answers the truth ratio needs")
         return evenly_spaced(kept, size)
@@ -189,9 +199,7 @@ def load_sets(ctx: RunContext) -> EvalSets:
         size = cfg[f"{kind}_size"]
         extra[kind] = [] if size < 0 else evenly_spaced(load_tofu_file(tofu_dir / f"{kind}_perturbed.json"), size)
     holdout_file = cfg["mia"]["holdout_file"]
-    holdout = (
-        load_tofu_file(tofu_dir / holdout_file) if holdout_file else read_jsonl_records(splits / "holdout.jsonl")
-    )
+    holdout = load_tofu_file(tofu_dir / holdout_file) if holdout_file else read_jsonl_records(splits / "holdout.jsonl")
     holdout = evenly_spaced(holdout, cfg["mia"]["holdout_size"])
     if not holdout:
         log.warning("no holdout records: membership inference and PrivLeak are skipped")
@@ -199,11 +207,19 @@ def load_sets(ctx: RunContext) -> EvalSets:
 
 
 def code_usage(
-    checkpoint: Checkpoint, forget_records: list, retain_records: list, mask: CodeMask, control: CodeMask,
+    checkpoint: Checkpoint,
+    forget_records: list,
+    retain_records: list,
+    mask: CodeMask,
+    control: CodeMask,
     select: dict[str, Any],
 ) -> dict[str, Any]:
     """Per-code usage rates of the unmasked codebook model on forget vs retain (the selection's view)."""
-    counting = {"batch_size": select["batch_size"], "max_length": select["max_length"], "positions": select["positions"]}
+    counting = {
+        "batch_size": select["batch_size"],
+        "max_length": select["max_length"],
+        "positions": select["positions"],
+    }
     forget = count_codes(checkpoint.model, checkpoint.bottleneck, checkpoint.tokenizer, forget_records, **counting)
     kept = count_codes(checkpoint.model, checkpoint.bottleneck, checkpoint.tokenizer, retain_records, **counting)
     forget_rate = (forget.counts.double() / max(1, forget.slots)).numpy()
@@ -272,7 +288,11 @@ def evaluate(ctx: RunContext) -> dict:
     details: dict[str, Any] = {
         "sets": {
             **sets.counts(),
-            **{f"{k}_sha256": records_sha256(getattr(sets, k)) for k in ("forget", "retain", "holdout") if getattr(sets, k)},
+            **{
+                f"{k}_sha256": records_sha256(getattr(sets, k))
+                for k in ("forget", "retain", "holdout")
+                if getattr(sets, k)
+            },
         },
         "per_item": {},
         "quantization": {},
@@ -309,7 +329,9 @@ def evaluate(ctx: RunContext) -> dict:
         for name, applied in (("codebook", None), ("codeunlearn", mask), ("random_codes", control)):
             with deployed(codebook_model, applied, source=str(mask_dir)):
                 run_suite(name, codebook_model)
-        usage = code_usage(codebook_model, sets.forget, sets.retain, mask, control, ctx.settings["select"])
+        # The whole retain split, as the selection counted it (the eval subset is only a sample of it).
+        retain_split = read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl")
+        usage = code_usage(codebook_model, sets.forget, retain_split, mask, control, ctx.settings["select"])
     for name in ("codeunlearn", "random_codes"):
         metrics[name].update(usage.pop(name))
     metrics = {name: metrics[name] for name in ROWS}

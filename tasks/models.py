@@ -18,6 +18,7 @@ from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 from codeunlearn.training import TrainSpec, resolve_device, train_answers
 from tasks import tracking
 from tasks.context import RunContext
+from tasks.resume import resumable
 
 TINY_SOURCE = "tiny"
 
@@ -48,6 +49,7 @@ def data_tags(ctx: RunContext) -> dict[str, str]:
 
 
 @task(name="base_model", cache_policy=NONE)
+@resumable("base_model")
 def base_model(ctx: RunContext) -> dict:
     """Resolve the model source once; a tiny model is built in code, anything else is converted and cached."""
     source = ctx.settings["model"]["source"]
@@ -98,18 +100,21 @@ def _finetune(ctx: RunContext, role: str, split_names: tuple[str, ...]) -> dict:
 
 
 @task(name="finetune_target", cache_policy=NONE)
+@resumable("finetune_target")
 def finetune_target(ctx: RunContext) -> dict:
     """The model that knows everything: forget + retain."""
     return _finetune(ctx, "target", ("forget", "retain"))
 
 
 @task(name="finetune_oracle", cache_policy=NONE)
+@resumable("finetune_oracle")
 def finetune_oracle(ctx: RunContext) -> dict:
     """The retain-only model: what the target would be had it never seen the forget set."""
     return _finetune(ctx, "oracle", ("retain",))
 
 
 @task(name="train_codebook", cache_policy=NONE)
+@resumable("train_codebook")
 def train_codebook_stage(ctx: RunContext) -> dict:
     splits = ctx.stage_dir("splits")
     records = [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]

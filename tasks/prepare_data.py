@@ -9,11 +9,13 @@ from codeunlearn.data import Splits, attach_perturbations, load_tofu_file, split
 from codeunlearn.io import write_json
 from tasks import tracking
 from tasks.context import RunContext
+from tasks.resume import resumable
 
 SPLITS = ("forget", "retain", "holdout")
 
 
 @task(name="prepare_data", cache_policy=NONE)
+@resumable("prepare_data")
 def prepare_data(ctx: RunContext) -> dict:
     data = ctx.settings["data"]
     tofu_dir = ctx.resolve(ctx.settings["paths"]["tofu_dir"])

@@ -9,10 +9,12 @@ from codeunlearn.io import atomic_write_text, read_json
 from codeunlearn.report import render_report
 from tasks import tracking
 from tasks.context import RunContext
+from tasks.resume import resumable
 from tasks.evaluate import PLOTS
 
 
 @task(name="report", cache_policy=NONE)
+@resumable("report")
 def report(ctx: RunContext) -> str:
     eval_dir = ctx.stage_dir("eval")
     details = eval_dir / "details.json"

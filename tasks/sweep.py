@@ -45,6 +45,7 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
 
 
 @task(name="sweep", cache_policy=NONE)
+@resumable("sweep")
 def sweep(ctx: RunContext) -> list[dict]:
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")

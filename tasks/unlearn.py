@@ -13,10 +13,12 @@ from codeunlearn.masking import save_mask
 from codeunlearn.methods import get_method
 from tasks import tracking
 from tasks.context import RunContext
+from tasks.resume import resumable
 from tasks.models import load_role
 
 
 @task(name="select_codes", cache_policy=NONE)
+@resumable("select_codes")
 def select_codes(ctx: RunContext) -> dict:
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")

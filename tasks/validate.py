@@ -12,6 +12,7 @@ from codeunlearn.io import atomic_write_text, write_json
 from codeunlearn.validation import ValidationBounds, require_valid, validate_forget_retain
 from tasks import tracking
 from tasks.context import RunContext
+from tasks.resume import resumable
 
 
 def bounds_from(ctx: RunContext) -> ValidationBounds:
@@ -35,6 +36,7 @@ def check_forget_retain(
 
 
 @task(name="validate_forget_set", cache_policy=NONE)
+@resumable("validate_forget_set")
 def validate_forget_set(ctx: RunContext) -> dict:
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")

@@ -48,8 +48,17 @@ SUITE_KEYS = TOFU_KEYS | {
     "privleak_loss",
 }
 QUANT_ROW_KEYS = {
-    "forget_rouge", "retain_rouge", "forget_prob", "forget_truth_ratio", "forget_quality", "retain_prob",
-    "bits", "group_size", "recovery", "retain_change", "weight_error",
+    "forget_rouge",
+    "retain_rouge",
+    "forget_prob",
+    "forget_truth_ratio",
+    "forget_quality",
+    "retain_prob",
+    "bits",
+    "group_size",
+    "recovery",
+    "retain_change",
+    "weight_error",
 }
 
 
@@ -122,7 +131,10 @@ def test_suite_returns_every_key_with_finite_values(tiny_model, tiny_tokenizer, 
     for name in ("forget_rouge", "forget_prob", "retain_prob", "model_utility", "mia_min_k_auc"):
         assert 0.0 <= metrics[name] <= 1.0, name
     assert {kind: result["n"] for kind, result in scores.splits.items()} == {
-        "forget": 4, "retain": 4, "real_authors": 2, "world_facts": 2,
+        "forget": 4,
+        "retain": 4,
+        "real_authors": 2,
+        "world_facts": 2,
     }
     assert len(scores.mia["forget_min_k"]) == 4 and len(scores.mia["holdout_loss"]) == 3
 
@@ -154,8 +166,14 @@ def test_one_pass_matches_the_tested_per_split_metrics(tiny_model, tiny_tokenize
     scores = score_model(tiny_model, tiny_tokenizer, sets, SPEC)
     for kind in ("forget", "real_authors"):
         reference = evaluate_tofu_split(
-            tiny_model, tiny_tokenizer, getattr(sets, kind), kind, generation_batch_size=16,
-            score_batch_size=16, max_length=64, max_new_tokens=6,
+            tiny_model,
+            tiny_tokenizer,
+            getattr(sets, kind),
+            kind,
+            generation_batch_size=16,
+            score_batch_size=16,
+            max_length=64,
+            max_new_tokens=6,
         )
         mine = scores.splits[kind]
         assert mine["rouge"] == pytest.approx(reference["rouge"])
@@ -185,7 +203,9 @@ def test_records_without_perturbed_data_are_named(tiny_model, tiny_tokenizer, ti
 def test_quantization_attack_rows_and_records(tiny_model, tiny_tokenizer, sets):
     oracle = score_model(tiny_model, tiny_tokenizer, sets, SPEC)
     full = summarize(oracle, oracle)
-    specs = quantization_specs({"rtn": {"bits": [8, 4], "group_sizes": [16]}, "torchao": {"bits": [4], "group_sizes": [16, 24]}})
+    specs = quantization_specs(
+        {"rtn": {"bits": [8, 4], "group_sizes": [16]}, "torchao": {"bits": [4], "group_sizes": [16, 24]}}
+    )
     assert [quant_name(s) for s in specs] == ["rtn_w8_g16", "rtn_w4_g16", "torchao_w4_g16", "torchao_w4_g24"]
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     rows, records = quantization_attack(tiny_model, tiny_tokenizer, sets, SPEC, specs, full, oracle)
@@ -202,8 +222,9 @@ def test_quantization_attack_rows_and_records(tiny_model, tiny_tokenizer, sets):
 
 def test_relearning_returns_recovery_and_leaves_the_model_alone(tiny_model, tiny_tokenizer, sets):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    spec = RelearnSpec(steps=3, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64,
-                       grad_clip=1.0, seed=0)
+    spec = RelearnSpec(
+        steps=3, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64, grad_clip=1.0, seed=0
+    )
     result = relearn_attack(tiny_model, tiny_tokenizer, sets.forget, spec, SPEC.generation)
     assert result["recovery"] == pytest.approx(result["heldout_rouge_after"] - result["heldout_rouge_before"])
     assert result["attack_records"] == 2 and result["heldout_records"] == 2 and result["steps"] == 3
@@ -217,8 +238,9 @@ def test_relearning_a_masked_codebook_model_keeps_the_codebook_and_mask(tiny_mod
     attach_codebook(tiny_model, bottleneck)
     bottleneck.disabled[torch.tensor([1, 5, 9])] = True
     codes = bottleneck.codes.detach().clone()
-    spec = RelearnSpec(steps=2, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64,
-                       grad_clip=1.0, seed=0)
+    spec = RelearnSpec(
+        steps=2, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64, grad_clip=1.0, seed=0
+    )
     relearn_attack(tiny_model, tiny_tokenizer, sets.forget, spec, SPEC.generation)
     assert torch.equal(bottleneck.codes, codes) and bottleneck.codes.grad is None
     assert bottleneck.codes.requires_grad  # frozen only during the attack
@@ -259,10 +281,15 @@ def test_report_renders_every_table_and_no_forget_text(tiny_model, other_model, 
     oracle_metrics, oracle = evaluate_model(tiny_model, tiny_tokenizer, sets, SPEC)
     other_metrics, _ = evaluate_model(other_model, tiny_tokenizer, sets, SPEC, oracle)
     specs = [QuantizationSpec("rtn", 4, 16), QuantizationSpec("torchao", 4, 24)]
-    relearn = RelearnSpec(steps=2, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64,
-                          grad_clip=1.0, seed=0)
-    details = {"quantization": {}, "relearn": {"spec": relearn.__dict__}, "timing_s": {"total": 3.0, "oracle": 1.0},
-               "sets": {"forget": 4, "retain": 4, "real_authors": 2, "world_facts": 2, "holdout": 3}}
+    relearn = RelearnSpec(
+        steps=2, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64, grad_clip=1.0, seed=0
+    )
+    details = {
+        "quantization": {},
+        "relearn": {"spec": relearn.__dict__},
+        "timing_s": {"total": 3.0, "oracle": 1.0},
+        "sets": {"forget": 4, "retain": 4, "real_authors": 2, "world_facts": 2, "holdout": 3},
+    }
     metrics = {}
     for name, model, row in (("oracle", tiny_model, oracle_metrics), ("codeunlearn", other_model, other_metrics)):
         row["quant"], details["quantization"][name] = quantization_attack(
@@ -273,8 +300,14 @@ def test_report_renders_every_table_and_no_forget_text(tiny_model, other_model, 
     metrics["codeunlearn"].update({"masked_usage_forget": 0.2, "masked_usage_retain": 0.02})
     metrics["random_codes"] = {**other_metrics, "masked_usage_forget": 0.03, "masked_usage_retain": 0.03}
     text = render_report(_report_inputs(metrics, details), plots={"Quantization": "../eval/quantization.png"})
-    for heading in ("### Forgetting (TOFU)", "### Utility (TOFU)", "### Membership inference",
-                    "### Quantization attack", "### Relearning attack", "### Code usage"):
+    for heading in (
+        "### Forgetting (TOFU)",
+        "### Utility (TOFU)",
+        "### Membership inference",
+        "### Quantization attack",
+        "### Relearning attack",
+        "### Code usage",
+    ):
         assert heading in text
     assert "| codeunlearn / rtn_w4_g16 | rtn | 4 | 16 |" in text
     assert "`torchao_w4_g24` skipped" in text
