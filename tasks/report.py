@@ -9,8 +9,8 @@ from codeunlearn.io import atomic_write_text, read_json
 from codeunlearn.report import render_report
 from tasks import tracking
 from tasks.context import RunContext
-from tasks.resume import resumable
 from tasks.evaluate import PLOTS
+from tasks.resume import resumable
 
 
 @task(name="report", cache_policy=NONE)

@@ -19,6 +19,7 @@ from codeunlearn.sweep import frontier  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.models import load_role  # noqa: E402
+from tasks.resume import resumable  # noqa: E402
 
 
 def frontier_plot(rows: list[dict], path: Path) -> None:

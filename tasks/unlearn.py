@@ -13,8 +13,8 @@ from codeunlearn.masking import save_mask
 from codeunlearn.methods import get_method
 from tasks import tracking
 from tasks.context import RunContext
-from tasks.resume import resumable
 from tasks.models import load_role
+from tasks.resume import resumable
 
 
 @task(name="select_codes", cache_policy=NONE)
