@@ -1,0 +1,1 @@
+"""Benchmarks that write JSON results under bench/results/ (never timed assertions in tests)."""

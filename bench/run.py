@@ -1,0 +1,181 @@
+"""Benchmarks: `python -m bench.run --profile default` writes bench/results/<profile>/*.json.
+
+Every file carries the machine (CPU model, cores, torch version) and the git commit it measured.
+Needs the profile's pipeline outputs (run `python -m flows.pipeline --profile <profile>` first);
+the `pipeline` benchmark runs the flow itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from codeunlearn.data import read_jsonl_records
+from codeunlearn.evaluation import evenly_spaced
+from codeunlearn.generation import answer_token_nll, generate_answers
+from codeunlearn.io import read_json, write_json
+from codeunlearn.masking import unmask
+from codeunlearn.methods import get_method
+from codeunlearn.profiling import ResourceMeter
+from tasks.context import REPO_ROOT, RunContext, git_commit, make_context
+from tasks.models import load_role
+
+RESULTS = REPO_ROOT / "bench" / "results"
+MEMORY_SAMPLE_S = 0.05
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def stamp(ctx: RunContext, payload: dict[str, Any]) -> dict[str, Any]:
+    return {**payload, "profile": ctx.profile, "machine": machine(), "git_commit": git_commit()}
+
+
+def timed(run: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), times
+
+
+def latency(ctx: RunContext, repeats: int, baselines: list[str]) -> dict[str, Any]:
+    """Unlearning step only (no evaluation), same forget set; CodeUnlearn from the codebook model,
+    the baselines from the target model."""
+    splits = ctx.stage_dir("splits")
+    forget = read_jsonl_records(splits / "forget.jsonl")
+    retain = read_jsonl_records(splits / "retain.jsonl")
+    codebook = load_role(ctx, "codebook")
+
+    def codeunlearn_request() -> None:
+        unmask(codebook.bottleneck)
+        get_method("codeunlearn").unlearn(
+            codebook.model, codebook.tokenizer, forget, retain, ctx.method_params("codeunlearn", {})
+        )
+
+    median, runs = timed(codeunlearn_request, repeats)
+    unmask(codebook.bottleneck)
+    result: dict[str, Any] = {"codeunlearn_request_s": median, "codeunlearn_runs_s": runs}
+    target = load_role(ctx, "target")
+    for method in baselines:
+        with ResourceMeter(MEMORY_SAMPLE_S) as meter:
+            get_method(method).unlearn(target.model, target.tokenizer, forget, retain, ctx.method_params(method, {}))
+        result[f"{method}_s"] = meter.wall_s
+        result[f"{method}_peak_mem_mb"] = meter.peak_mem_mb
+    if "npo_s" in result:
+        result["npo_over_codeunlearn"] = result["npo_s"] / median
+    return result
+
+
+def overhead(ctx: RunContext, prompts: int) -> dict[str, Any]:
+    """Tokens per second of the target vs the codebook model: greedy generation and teacher-forced scoring."""
+    cfg = ctx.settings["evaluate"]
+    records = evenly_spaced(read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl"), prompts)
+    questions = [r.question for r in records]
+    pairs = [(r.question, r.answer) for r in records]
+    result: dict[str, Any] = {}
+    for label, role in (("base", "target"), ("codebook", "codebook")):
+        checkpoint = load_role(ctx, role)
+        started = time.perf_counter()
+        answers = generate_answers(
+            checkpoint.model, checkpoint.tokenizer, questions, cfg["max_new_tokens"], cfg["batch_size"]
+        )
+        gen_s = time.perf_counter() - started
+        gen_tokens = sum(len(checkpoint.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        started = time.perf_counter()
+        answer_token_nll(checkpoint.model, checkpoint.tokenizer, pairs, cfg["score_batch_size"], cfg["max_length"])
+        score_s = time.perf_counter() - started
+        scored = sum(len(checkpoint.tokenizer(f"{q} {a}")["input_ids"]) for q, a in pairs)
+        result[f"{label}_generation_tokens_per_s"] = gen_tokens / gen_s
+        result[f"{label}_scoring_tokens_per_s"] = scored / score_s
+    result["base_tokens_per_s"] = result["base_scoring_tokens_per_s"]
+    result["codebook_tokens_per_s"] = result["codebook_scoring_tokens_per_s"]
+    result["ratio"] = result["codebook_tokens_per_s"] / result["base_tokens_per_s"]
+    result["generation_ratio"] = result["codebook_generation_tokens_per_s"] / result["base_generation_tokens_per_s"]
+    result["codebook_flops_share"] = codebook_flops_share(ctx)
+    return result
+
+
+def codebook_flops_share(ctx: RunContext) -> float:
+    """Analytic share of per-token FLOPs spent in the bottleneck: the N_c x d similarity matmul against
+    the model's 2 x parameters multiply-adds per token."""
+    checkpoint = load_role(ctx, "codebook")
+    spec = checkpoint.bottleneck.spec
+    codebook_flops = 2 * spec.num_codes * checkpoint.bottleneck.dim
+    model_flops = 2 * sum(p.numel() for p in checkpoint.model.parameters())
+    return codebook_flops / (codebook_flops + model_flops)
+
+
+def pipeline_overhead(ctx: RunContext, params_file: Path | None) -> dict[str, Any]:
+    """The whole flow (Prefect + MLflow + every stage) against the same stages called as plain functions
+    without Prefect, both from scratch (resume off)."""
+    from flows.pipeline import pipeline
+    from tasks.stages import PIPELINE
+
+    started = time.perf_counter()
+    pipeline(profile=ctx.profile, params_file=str(params_file) if params_file else None, resume=False)
+    flow_s = time.perf_counter() - started
+    plain = make_context(ctx.profile, params_file, overrides={"resume": False})
+    started = time.perf_counter()
+    for stage in PIPELINE.values():
+        stage.fn(plain)
+    library_s = time.perf_counter() - started
+    return {
+        "flow_s": flow_s,
+        "library_only_s": library_s,
+        "overhead_ratio": flow_s / library_s,
+        f"{ctx.profile}_e2e_s": flow_s,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--only", nargs="*", default=["latency", "overhead", "pipeline", "leaderboard"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--params", type=Path, default=None)
+    args = parser.parse_args(argv)
+    ctx = make_context(args.profile, args.params)
+    bench = ctx.settings["bench"]
+    out = RESULTS / ctx.profile
+    if "pipeline" in args.only:
+        write_json(out / "pipeline.json", stamp(ctx, pipeline_overhead(ctx, args.params)))
+    if "latency" in args.only:
+        write_json(out / "latency.json", stamp(ctx, latency(ctx, args.repeats, bench["baselines"])))
+    if "overhead" in args.only:
+        write_json(out / "overhead.json", stamp(ctx, overhead(ctx, bench["overhead_prompts"])))
+    if "leaderboard" in args.only:
+        board = ctx.stage_dir("compare") / "leaderboard.json"
+        if board.exists():
+            write_json(out / "leaderboard.json", stamp(ctx, {"rows": read_json(board)}))
+        else:
+            print(f"{board} missing: run `python -m flows.compare --profile {ctx.profile}` first")
+    for path in sorted(out.glob("*.json")):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
