@@ -145,6 +145,34 @@ def _skipped_quantizers(details: Mapping[str, Any]) -> list[str]:
     return sorted(notes)
 
 
+def frontier_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Forget / retain ROUGE per S' (columns) for every selection and control (rows)."""
+    sizes = sorted({r["size"] for r in rows if r["size"]})
+    series = sorted({(r["selection"], r["control"]) for r in rows if r["size"]})
+    lines = [
+        "| selection | control | " + " | ".join(f"S'={n}" for n in sizes) + " |",
+        "|---|---|" + "---|" * len(sizes),
+    ]
+    for selection, control in series:
+        cells = {r["size"]: r for r in rows if (r["selection"], r["control"]) == (selection, control)}
+        lines.append(
+            f"| {selection} | {control} | "
+            + " | ".join(
+                f"{cells[n]['forget_rouge']:.3f} / {cells[n]['retain_rouge']:.3f}" if n in cells else "n/a"
+                for n in sizes
+            )
+            + " |"
+        )
+    base = next((r for r in rows if not r["size"]), None)
+    if base is not None:
+        lines += [
+            "",
+            f"Cells are forget / retain ROUGE-L recall; without a mask: {base['forget_rouge']:.3f} / "
+            f"{base['retain_rouge']:.3f}.",
+        ]
+    return lines
+
+
 def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     """Markdown report of one run. Holds counts, hashes and metrics only: never the forget set's text."""
     metrics = {name: inputs["metrics"][name] for name in ROW_ORDER if name in inputs["metrics"]}
@@ -263,6 +291,18 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "",
             "Share of the unmasked codebook model's code slots on the forget and the retain set that each mask "
             "disables: a selective mask takes much more of the forget set's codes than of the retain set's.",
+        ]
+    frontier = inputs.get("frontier") or []
+    if frontier:
+        lines += [
+            "",
+            "### The S' sweep: forget/utility frontier",
+            "",
+            *frontier_table(frontier),
+            "",
+            "Each row disables the first S' codes of one ranked selection. `one_shot` is the paper's test "
+            "(one chi-squared ranking); `iterative` re-counts with the mask applied, so codes that fill "
+            "in for disabled ones are found too; `random` is the matched control.",
         ]
     timing = details.get("timing_s")
     if timing:

@@ -41,5 +41,33 @@ def forget(
     typer.echo(json.dumps({k: result[k] for k in ("request_id", "unlearn", "metrics", "registered")}, indent=2))
 
 
+@app.command()
+def audit(
+    run_id: str = typer.Argument(
+        ..., help="the request's MLflow run id (its flow run or its audit run), or the request id"
+    ),
+    profile: str = typer.Option(None, help="profile in params.yaml (default: its `profile` field)"),
+    params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
+) -> None:
+    """Re-hash every artifact a request's audit record names; exit 0 if the record still holds, 1 if not."""
+    from pathlib import Path
+
+    from codeunlearn.audit import format_verification, verify_record
+    from tasks.audit import find_record
+    from tasks.context import make_context
+    from tasks.tracking import TrackingUnavailableError
+
+    ctx = make_context(profile, Path(params) if params else None)
+    try:
+        record, local_copy, source = find_record(ctx, run_id)
+    except (LookupError, TrackingUnavailableError, FileNotFoundError, json.JSONDecodeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    result = verify_record(record, local_copy)
+    typer.echo(f"source: {source}")
+    typer.echo(format_verification(record, result))
+    raise typer.Exit(code=0 if result.holds else 1)
+
+
 if __name__ == "__main__":
     app()

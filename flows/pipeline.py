@@ -11,6 +11,8 @@ from tasks import tracking
 from tasks.context import make_context
 from tasks.stages import PIPELINE
 
+HEADLINE = ("forget_rouge", "retain_rouge", "forget_quality", "model_utility", "privleak")
+
 
 @flow(name="codeunlearn-pipeline")
 def pipeline(profile: str | None = None, params_file: str | None = None, resume: bool = True) -> dict:
@@ -34,10 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-resume", action="store_true", help="redo every stage, even completed ones")
     args = parser.parse_args(argv)
     results = pipeline(profile=args.profile, resume=not args.no_resume)
-    metrics = results["evaluate"]
     print(f"report: {results['report']}")
-    for row, values in metrics.items():
-        print(f"{row:>13}: " + "  ".join(f"{k}={v:.3f}" for k, v in values.items()))
+    for row, values in results["evaluate"].items():
+        headline = {k: values[k] for k in HEADLINE if k in values}
+        print(f"{row:>13}: " + "  ".join(f"{k}={v:.3f}" for k, v in headline.items()))
 
 
 if __name__ == "__main__":

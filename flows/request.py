@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from tasks import tracking
+from tasks.audit import audit_request
 from tasks.context import make_context
 from tasks.request import evaluate_request, load_request, register_request, unlearn_request
 
@@ -22,10 +23,12 @@ def unlearn(
         unlearned = unlearn_request(run_ctx, forget_file, method, request)
         metrics = evaluate_request(run_ctx, forget_file, method, request)
         version = register_request(run_ctx, method, request, unlearned)
+        audit = audit_request(run_ctx, forget_file, method, request, unlearned, metrics, version)
     return {
         **request,
         "unlearn": unlearned,
         "metrics": metrics,
         "registered": version,
+        "audit": audit,
         "mlflow_run_id": run_ctx.parent_run_id,
     }

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,11 @@ from codeunlearn.evaluation import (  # noqa: E402
 )
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.masking import CodeMask, apply_mask, count_codes, load_mask, random_mask_like, unmask  # noqa: E402
+from codeunlearn.metrics.quantization import QuantizationSpec  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.models import load_role  # noqa: E402
+from tasks.resume import resumable  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -262,15 +264,57 @@ def deployed(checkpoint: Checkpoint, mask: CodeMask | None, source: str) -> Iter
         unmask(checkpoint.bottleneck)
 
 
-@task(name="evaluate", cache_policy=NONE)
-def evaluate(ctx: RunContext) -> dict:
-    started = time.perf_counter()
+@dataclass
+class Suite:
+    """Everything one model is put through: TOFU metrics, MIA, and the quantization and relearning attacks.
+
+    The oracle is scored first; its per-item numbers are the reference of every later model's forget
+    quality and PrivLeak.
+    """
+
+    sets: EvalSets
+    spec: EvalSpec
+    quantization: list[QuantizationSpec]
+    relearn: RelearnSpec | None
+    progress: bool
+    oracle_scores: ModelScores | None = None
+
+    def run(self, name: str, checkpoint: Checkpoint, quantize: bool, relearn: bool) -> dict[str, Any]:
+        began = time.perf_counter()
+        scores = score_model(checkpoint.model, checkpoint.tokenizer, self.sets, self.spec, self.progress)
+        if name == "oracle":
+            self.oracle_scores = scores
+        row: dict[str, Any] = summarize(scores, self.oracle_scores)
+        quant_records: Any = None
+        if quantize and self.quantization:
+            row["quant"], quant_records = quantization_attack(
+                checkpoint.model,
+                checkpoint.tokenizer,
+                self.sets,
+                self.spec,
+                self.quantization,
+                row,
+                self.oracle_scores,
+                self.progress,
+            )
+        if relearn and self.relearn is not None:
+            row["relearn"] = relearn_attack(
+                checkpoint.model,
+                checkpoint.tokenizer,
+                self.sets.forget,
+                self.relearn,
+                self.spec.generation,
+                self.progress,
+            )
+        seconds = time.perf_counter() - began
+        log.info("evaluated %s in %.1f s", name, seconds)
+        return {"row": row, "per_item": per_item(scores), "quantization": quant_records, "seconds": seconds}
+
+
+def build_suite(ctx: RunContext) -> Suite:
     cfg = ctx.settings["evaluate"]
-    sets = load_sets(ctx)
-    spec = eval_spec(cfg)
     quant_cfg, relearn_cfg = cfg["quantization"], cfg["relearn"]
-    qspecs = quantization_specs(quant_cfg) if quant_cfg["enabled"] else []
-    relearn_spec = RelearnSpec(
+    relearn = RelearnSpec(
         steps=relearn_cfg["steps"],
         batch_size=relearn_cfg["batch_size"],
         lr=relearn_cfg["lr"],
@@ -280,6 +324,22 @@ def evaluate(ctx: RunContext) -> dict:
         grad_clip=relearn_cfg["grad_clip"],
         seed=ctx.settings["seed"],
     )
+    return Suite(
+        sets=load_sets(ctx),
+        spec=eval_spec(cfg),
+        quantization=quantization_specs(quant_cfg) if quant_cfg["enabled"] else [],
+        relearn=relearn if relearn_cfg["enabled"] else None,
+        progress=ctx.progress,
+    )
+
+
+@task(name="evaluate", cache_policy=NONE)
+@resumable("evaluate")
+def evaluate(ctx: RunContext) -> dict:
+    started = time.perf_counter()
+    cfg = ctx.settings["evaluate"]
+    suite = build_suite(ctx)
+    sets = suite.sets
     mask_dir = ctx.stage_dir("mask")
     mask = load_mask(mask_dir)
     control = random_mask_like(mask, np.random.default_rng(ctx.settings["seed"]))
@@ -296,31 +356,23 @@ def evaluate(ctx: RunContext) -> dict:
         },
         "per_item": {},
         "quantization": {},
-        "relearn": {"spec": asdict(relearn_spec), "split": "even positions attack, odd positions held out"},
+        "relearn": {
+            "spec": asdict(suite.relearn) if suite.relearn else None,
+            "split": "even positions attack, odd positions held out",
+        },
         "timing_s": {},
         "random_control_ids": list(control.disabled_ids),
     }
-    oracle_scores: ModelScores | None = None
 
     def run_suite(name: str, checkpoint: Checkpoint) -> None:
-        nonlocal oracle_scores
-        began = time.perf_counter()
-        scores = score_model(checkpoint.model, checkpoint.tokenizer, sets, spec, ctx.progress)
-        if name == "oracle":
-            oracle_scores = scores
-        row: dict[str, Any] = summarize(scores, oracle_scores)
-        details["per_item"][name] = per_item(scores)
-        if qspecs and name in quant_cfg["models"]:
-            row["quant"], details["quantization"][name] = quantization_attack(
-                checkpoint.model, checkpoint.tokenizer, sets, spec, qspecs, row, oracle_scores, ctx.progress
-            )
-        if relearn_cfg["enabled"] and name in relearn_cfg["models"]:
-            row["relearn"] = relearn_attack(
-                checkpoint.model, checkpoint.tokenizer, sets.forget, relearn_spec, spec.generation, ctx.progress
-            )
-        metrics[name] = row
-        details["timing_s"][name] = time.perf_counter() - began
-        log.info("evaluated %s in %.1f s", name, details["timing_s"][name])
+        quantize = name in cfg["quantization"]["models"]
+        relearn = name in cfg["relearn"]["models"]
+        result = suite.run(name, checkpoint, quantize=quantize, relearn=relearn)
+        metrics[name] = result["row"]
+        details["per_item"][name] = result["per_item"]
+        if result["quantization"] is not None:
+            details["quantization"][name] = result["quantization"]
+        details["timing_s"][name] = result["seconds"]
 
     with torch_threads(cfg.get("threads")):
         for role in ("oracle", "target"):

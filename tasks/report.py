@@ -18,6 +18,7 @@ from tasks.resume import resumable
 def report(ctx: RunContext) -> str:
     eval_dir = ctx.stage_dir("eval")
     details = eval_dir / "details.json"
+    frontier = ctx.stage_dir("sweep") / "frontier.json"
     inputs = {
         "profile": ctx.profile,
         "params_hash": ctx.params_hash,
@@ -27,8 +28,11 @@ def report(ctx: RunContext) -> str:
         "select": read_json(ctx.stage_dir("mask") / "stats.json"),
         "metrics": read_json(eval_dir / "metrics.json"),
         "details": read_json(details) if details.exists() else {},
+        "frontier": read_json(frontier) if frontier.exists() else [],
     }
     plots = {title: f"../eval/{name}" for name, title in PLOTS.items() if (eval_dir / name).exists()}
+    if (frontier_plot := ctx.stage_dir("sweep") / "frontier.png").exists():
+        plots["Forget/utility frontier over S'"] = "../sweep/frontier.png"
     path = ctx.stage_dir("report") / "report.md"
     atomic_write_text(path, render_report(inputs, plots=plots))
     with tracking.stage_run(ctx, "report"):
@@ -36,4 +40,6 @@ def report(ctx: RunContext) -> str:
         for name in PLOTS:
             if (eval_dir / name).exists():
                 tracking.log_artifacts(eval_dir / name, "report")
+        if frontier_plot.exists():
+            tracking.log_artifacts(frontier_plot, "report")
     return str(path)
