@@ -58,6 +58,12 @@ class RunContext:
     def stage_dir(self, name: str) -> Path:
         return self.out_dir / name
 
+    def apply_threads(self) -> None:
+        """torch's intra-op threads for this process (and for every worker process a task lands in)."""
+        threads = int(self.settings.get("threads") or 0)
+        if threads > 0 and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def method_params(self, method: str, provenance: dict[str, Any]) -> dict[str, Any]:
         """A method's params block (CodeUnlearn's is ``select``), with the run's seed and progress flag."""
         block = self.settings["select"] if method == "codeunlearn" else self.settings["methods"].get(method)
@@ -73,8 +79,7 @@ def make_context(
     profile: str | None = None, params_file: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> RunContext:
     settings = load_settings(params_file or PARAMS_FILE, profile, overrides)
-    threads = int(settings.get("threads", 0))
-    if threads > 0:
-        torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return RunContext(settings=settings)
+    ctx = RunContext(settings=settings)
+    ctx.apply_threads()
+    return ctx

@@ -57,6 +57,9 @@ def _experiment_id(uri: str, name: str, artifact_root: str) -> str:
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
+    if uri.startswith(("http://", "https://")):
+        # A tracking server stores artifacts where it was told to (--artifacts-destination), not on our disk.
+        return mlflow.create_experiment(name)
     return mlflow.create_experiment(name, artifact_location=Path(artifact_root).as_uri())
 
 

@@ -88,3 +88,19 @@ def test_no_forget_answer_text_reaches_mlflow(smoke_run):
         blob = store.read_bytes()
         leaked = [n for n in needles if n in blob]
         assert not leaked, f"{store} contains forget-set answer text"
+
+
+def test_every_method_lowers_forget_rouge_on_a_dask_local_cluster(smoke_run):
+    """The comparison flow on the smoke models: each method a Prefect task on a Dask LocalCluster."""
+    from flows.compare import compare
+
+    tmp, _ = smoke_run
+    rows = {row["method"]: row for row in compare(profile="smoke", params_file=str(tmp / "params.yaml"))}
+    target = rows["target"]["forget_rouge"]
+    for method in ("codeunlearn", "ga", "graddiff", "npo", "rmu", "grin", "zerounlearn"):
+        assert rows[method]["forget_rouge"] < target - 0.1, method
+        assert rows[method]["wall_s"] > 0 and rows[method]["peak_mem_mb"] is not None
+        assert rows[method]["forget_rouge_q4"] is not None
+    out = tmp / "outputs" / "smoke" / "compare"
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png", "leaderboard.json"):
+        assert (out / name).exists(), name

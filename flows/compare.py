@@ -1,0 +1,65 @@
+"""Every method on the same forget set, evaluated the same way: ``python -m flows.compare --profile smoke``.
+
+The methods run as parallel Prefect tasks on a Dask local cluster (``compare.task_runner: dask``);
+``compare.task_runner: thread`` keeps everything in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks import tracking
+from tasks.compare import evaluate_methods, leaderboard, run_method
+from tasks.context import RunContext, make_context
+
+
+def task_runner(ctx: RunContext):
+    cfg = ctx.settings["compare"]
+    if cfg["task_runner"] == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": cfg["workers"],
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    return ThreadPoolTaskRunner(max_workers=cfg["workers"])
+
+
+@flow(name="codeunlearn-compare-methods")
+def compare_methods(profile: str | None, params_file: str | None, methods: list[str]) -> list[dict]:
+    ctx = make_context(profile, Path(params_file) if params_file else None)
+    with tracking.flow_run(ctx, "compare") as run_ctx:
+        futures = {method: run_method.submit(run_ctx, method) for method in methods}
+        stats = {method: future.result() for method, future in futures.items()}
+        results = evaluate_methods(run_ctx, methods, stats)
+        return leaderboard(run_ctx, results)
+
+
+def compare(profile: str | None = None, params_file: str | None = None, methods: list[str] | None = None) -> list:
+    """Run the comparison (after the pipeline has trained target, oracle and codebook)."""
+    ctx = make_context(profile, Path(params_file) if params_file else None)
+    chosen = methods or ctx.settings["compare"]["methods"]
+    return compare_methods.with_options(task_runner=task_runner(ctx))(profile, params_file, chosen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m flows.compare", description=__doc__)
+    parser.add_argument("--profile", default=None)
+    parser.add_argument("--methods", nargs="*", default=None)
+    args = parser.parse_args(argv)
+    rows = compare(profile=args.profile, methods=args.methods)
+    from codeunlearn.leaderboard import to_markdown
+
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The comparison: every method on the same model, forget set and evaluation, then a leaderboard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NONE  # noqa: E402
+
+from codeunlearn.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from codeunlearn.data import read_jsonl_records  # noqa: E402
+from codeunlearn.evaluation import flatten_metrics  # noqa: E402
+from codeunlearn.io import atomic_write_text, write_json  # noqa: E402
+from codeunlearn.leaderboard import leaderboard_rows, to_csv, to_markdown  # noqa: E402
+from codeunlearn.masking import apply_mask, load_mask, save_mask  # noqa: E402
+from codeunlearn.methods import get_method  # noqa: E402
+from codeunlearn.profiling import ResourceMeter  # noqa: E402
+from tasks import tracking  # noqa: E402
+from tasks.context import RunContext  # noqa: E402
+from tasks.evaluate import build_suite, torch_threads  # noqa: E402
+from tasks.models import load_role  # noqa: E402
+
+MEMORY_SAMPLE_S = 0.05
+
+
+def method_dir(ctx: RunContext, method: str) -> Path:
+    return ctx.stage_dir("compare") / method
+
+
+@task(name="run_method", cache_policy=NONE)
+def run_method(ctx: RunContext, method: str) -> dict[str, Any]:
+    """Unlearn the pipeline's forget split with one method; CodeUnlearn starts from the codebook model,
+    every other method from the target. Wall time and peak memory cover the unlearning step only."""
+    ctx.apply_threads()
+    splits = ctx.stage_dir("splits")
+    forget = read_jsonl_records(splits / "forget.jsonl")
+    retain = read_jsonl_records(splits / "retain.jsonl")
+    checkpoint = load_role(ctx, "codebook" if method == "codeunlearn" else "target")
+    params = ctx.method_params(method, {"params_hash": ctx.params_hash, "request": "compare"})
+    out = method_dir(ctx, method)
+    with tracking.stage_run(ctx, f"unlearn_{method}"):
+        with ResourceMeter(MEMORY_SAMPLE_S) as meter:
+            result = get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
+        if "mask" in result.artifacts:
+            save_mask(result.artifacts["mask"], out / "mask")
+        else:
+            save_checkpoint(result.model, checkpoint.tokenizer, out / "model")
+        stats = {
+            **{k: v for k, v in result.stats.items() if isinstance(v, int | float | str)},
+            "wall_s": meter.wall_s,
+            "peak_mem_mb": meter.peak_mem_mb,
+        }
+        tracking.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)})
+    write_json(out / "stats.json", stats)
+    return stats
+
+
+def load_unlearned(ctx: RunContext, method: str):
+    out = method_dir(ctx, method)
+    if method == "codeunlearn":
+        checkpoint = load_role(ctx, "codebook")
+        apply_mask(checkpoint.bottleneck, load_mask(out / "mask"), source=str(out / "mask"))
+        return checkpoint
+    return load_checkpoint(out / "model")
+
+
+@task(name="evaluate_methods", cache_policy=NONE)
+def evaluate_methods(ctx: RunContext, methods: list[str], stats: dict[str, dict]) -> dict[str, dict]:
+    """The pipeline's full suite for target, oracle and every unlearned model (attacks included)."""
+    suite = build_suite(ctx)
+    rows: dict[str, dict] = {}
+    with torch_threads(ctx.settings["evaluate"].get("threads")):
+        for name in ("oracle", "target"):
+            rows[name] = suite.run(name, load_role(ctx, name), quantize=True, relearn=True)["row"]
+        for method in methods:
+            rows[method] = {
+                **suite.run(method, load_unlearned(ctx, method), quantize=True, relearn=True)["row"],
+                **stats[method],
+            }
+    return rows
+
+
+def leaderboard_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        if row["forget_rouge"] is None or row["retain_rouge"] is None:
+            continue
+        ax.scatter(row["forget_rouge"], row["retain_rouge"], s=50)
+        ax.annotate(
+            row["method"],
+            (row["forget_rouge"], row["retain_rouge"]),
+            fontsize=8,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+        q4 = row.get("forget_rouge_q4")
+        if q4 is not None:
+            ax.annotate(
+                "",
+                xy=(q4, row["retain_rouge"]),
+                xytext=(row["forget_rouge"], row["retain_rouge"]),
+                arrowprops={"arrowstyle": "->", "color": "tab:red", "alpha": 0.6},
+            )
+    ax.set_xlabel("forget ROUGE-L recall (lower is better); red arrow: after 4-bit RTN")
+    ax.set_ylabel("retain ROUGE-L recall (higher is better)")
+    ax.set_title("Methods on the same model and forget set")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@task(name="leaderboard", cache_policy=NONE)
+def leaderboard(ctx: RunContext, results: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = leaderboard_rows(results)
+    out = ctx.stage_dir("compare")
+    write_json(out / "results.json", results)
+    write_json(out / "leaderboard.json", rows)
+    atomic_write_text(out / "leaderboard.csv", to_csv(rows))
+    atomic_write_text(out / "leaderboard.md", to_markdown(rows))
+    leaderboard_plot(rows, out / "leaderboard.png")
+    with tracking.stage_run(ctx, "leaderboard"):
+        flat = {f"{name}.{k}": v for name, row in results.items() for k, v in flatten_metrics(row).items()}
+        tracking.log_metrics(flat)
+        for name in ("leaderboard.json", "leaderboard.csv", "leaderboard.md", "leaderboard.png"):
+            tracking.log_artifacts(out / name, "leaderboard")
+    return rows
