@@ -46,8 +46,8 @@ def run_method(ctx: RunContext, method: str) -> dict[str, Any]:
     with tracking.stage_run(ctx, f"unlearn_{method}"):
         with ResourceMeter(MEMORY_SAMPLE_S) as meter:
             result = get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
-        if "mask" in result.artifacts:
-            save_mask(result.artifacts["mask"], out / "mask")
+        if "code_mask" in result.artifacts:
+            save_mask(result.artifacts["code_mask"], out / "mask")
         else:
             save_checkpoint(result.model, checkpoint.tokenizer, out / "model")
         stats = {

@@ -68,8 +68,8 @@ def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dic
         result = get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
         latency = time.perf_counter() - started
         summary = {"method": method, "request_latency_s": latency, **result.stats}
-        if "mask" in result.artifacts:
-            new_mask: CodeMask = result.artifacts["mask"]
+        if "code_mask" in result.artifacts:
+            new_mask: CodeMask = result.artifacts["code_mask"]
             merged = previous.merged_with(new_mask) if previous is not None else new_mask
             save_mask(new_mask, out / "mask")
             save_mask(merged, active_dir)

@@ -31,7 +31,7 @@ def select_codes(ctx: RunContext) -> dict:
             codebook_model.model, codebook_model.tokenizer, forget, retain, params
         )
         latency = time.perf_counter() - started
-        mask = result.artifacts["mask"]
+        mask = result.artifacts["code_mask"]
         out = ctx.stage_dir("mask")
         save_mask(mask, out)
         stats = {**result.stats, "request_latency_s": latency}

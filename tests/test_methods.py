@@ -214,7 +214,7 @@ def test_rmu_updates_only_the_chosen_parameters(trained):
 
 def test_grin_changes_only_the_selected_weights(trained):
     result = run(trained, "grin", PARAMS["grin"])
-    masks = result.artifacts["mask"]
+    masks = result.artifacts["weight_mask"]
     original = dict(trained["model"].named_parameters())
     for name, p in result.model.named_parameters():
         if name in masks:

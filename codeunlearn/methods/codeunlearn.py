@@ -56,5 +56,5 @@ class CodeUnlearn(UnlearningMethod):
                 "protected_codes": mask.provenance["protected_codes"],
                 "select_s": time.perf_counter() - started,
             },
-            artifacts={"mask": mask},
+            artifacts={"code_mask": mask},
         )

@@ -106,7 +106,7 @@ class GRIN(GradientUnlearning):
         ctx.state["masked"] = [(param, mask) for _, param, mask in kept]
         if ctx.spec.weight_decay > 0:
             ctx.state["anchors"] = [param.detach().clone() for _, param, _ in kept]
-        ctx.artifacts["mask"] = {name: mask.cpu() for name, _, mask in kept}
+        ctx.artifacts["weight_mask"] = {name: mask.cpu() for name, _, mask in kept}
         selected = int(sum(mask.sum().item() for mask in masks))
         ctx.stats.update(
             eligible_weights=sum(param.numel() for param in params),
