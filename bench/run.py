@@ -46,6 +46,8 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
+        # Timings on a shared machine mean little without the load they were taken under.
+        "load_average_1m": os.getloadavg()[0],
     }
 
 

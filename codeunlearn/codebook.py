@@ -64,11 +64,12 @@ class CodebookBottleneck(nn.Module):
         # Straight-through: the forward value is the codes, the gradient reaches the input unchanged,
         # and the codes still receive the downstream gradient through `quantized`.
         output = quantized + (normed - normed.detach())
-        self.reconstruction_loss = (quantized - normed.detach()).pow(2).mean()
-        self.code_l1 = chosen.abs().sum(-1).mean()
         self.last_ids = ids.detach()
-        self.last_input = normed.detach()
         if self.training:
+            # The auxiliary losses and revival statistics exist for training only; inference skips them.
+            self.reconstruction_loss = (quantized - normed.detach()).pow(2).mean()
+            self.code_l1 = chosen.abs().sum(-1).mean()
+            self.last_input = normed.detach()
             self.usage += torch.bincount(ids.reshape(-1), minlength=self.spec.num_codes)
         return output.to(hidden.dtype)
 
