@@ -68,6 +68,9 @@ def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dic
         result = get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
         latency = time.perf_counter() - started
         summary = {"method": method, "request_latency_s": latency, **result.stats}
+        if ctx.settings["tracking"]["log_raw_text"]:
+            # Opt-in only: the forget set is the very data being erased.
+            tracking.log_artifacts(Path(forget_file), "forget_set")
         if "code_mask" in result.artifacts:
             new_mask: CodeMask = result.artifacts["code_mask"]
             merged = previous.merged_with(new_mask) if previous is not None else new_mask

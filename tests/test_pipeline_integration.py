@@ -104,3 +104,53 @@ def test_every_method_lowers_forget_rouge_on_a_dask_local_cluster(smoke_run):
     out = tmp / "outputs" / "smoke" / "compare"
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png", "leaderboard.json"):
         assert (out / name).exists(), name
+
+
+def test_a_request_keeps_the_forget_text_out_of_mlflow_and_logs(smoke_run, tmp_path, capfd):
+    """A generic-JSONL request end to end; neither the MLflow store nor the output names its answers."""
+    import json as _json
+
+    from codeunlearn.data import read_jsonl_records
+    from flows.request import unlearn
+
+    tmp, _ = smoke_run
+    forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")[:8]
+    request_file = tmp_path / "request.jsonl"
+    request_file.write_text("".join(_json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in forget))
+    result = unlearn(forget_file=str(request_file), profile="smoke", params_file=str(tmp / "params.yaml"))
+    assert result["metrics"]["after"]["forget_rouge"] < result["metrics"]["before"]["forget_rouge"]
+    assert result["unlearn"]["request_latency_s"] < 60
+    captured = capfd.readouterr()
+    stores = [tmp / "mlflow.db", *[p for p in Path(tmp / "mlruns").rglob("*") if p.is_file()]]
+    for record in forget:
+        needle = record.answer.encode()
+        assert needle not in captured.out.encode() and needle not in captured.err.encode()
+        for store in stores:
+            assert needle not in store.read_bytes(), f"{store} contains forget-set answer text"
+
+
+def test_a_run_killed_in_codebook_training_resumes_and_ends_with_identical_metrics(smoke_run):
+    """Stages before the kill are reused untouched; the interrupted one and the rest are redone, and
+    (same params, data and seed) the metrics come out identical."""
+    import shutil
+
+    from flows.pipeline import pipeline
+    from tasks.stages import PIPELINE
+
+    tmp, first = smoke_run
+    out = tmp / "outputs" / "smoke"
+    names = list(PIPELINE)
+    killed_at = names.index("train_codebook")
+    for name in names[killed_at:]:
+        (out / ".stages" / f"{name}.json").unlink()
+    # What a kill mid-training leaves: a half-written checkpoint directory beside the old one's absence.
+    shutil.rmtree(out / "models" / "codebook")
+    (out / "models" / ".codebook.partial").mkdir()
+    kept = {name: (out / ".stages" / f"{name}.json").stat().st_mtime_ns for name in names[:killed_at]}
+    target_weights = (out / "models" / "target" / "model.safetensors").stat().st_mtime_ns
+
+    second = pipeline(profile="smoke", params_file=str(tmp / "params.yaml"))
+    assert {name: (out / ".stages" / f"{name}.json").stat().st_mtime_ns for name in kept} == kept
+    assert (out / "models" / "target" / "model.safetensors").stat().st_mtime_ns == target_weights
+    assert second["evaluate"] == first["evaluate"]
+    assert second["select_codes"]["disabled_codes"] == first["select_codes"]["disabled_codes"]
