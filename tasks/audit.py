@@ -16,19 +16,17 @@ Numbers and hashes only: neither the forget set's text nor the model's answers r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from prefect import task
@@ -57,6 +55,7 @@ from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, r
 from codeunlearn.training import resolve_device
 from tasks import tracking
 from tasks.context import RunContext, git_commit
+from tasks.evaluate import torch_threads
 from tasks.models import load_role, model_dir
 from tasks.request import ACTIVE_MASK, mask_sha256, requests_dir
 
@@ -146,19 +145,6 @@ def relearn_spec(ctx: RunContext) -> RelearnSpec:
         grad_clip=relearn["grad_clip"],
         seed=ctx.settings["seed"],
     )
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    if not threads:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def generation_spec(ctx: RunContext) -> GenerationSpec:
