@@ -13,20 +13,56 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from codeunlearn.config import settings_hash
 from codeunlearn.io import read_json, write_json
 from tasks.context import RunContext
 
 R = TypeVar("R")
 SPLITS_SUMMARY = Path("splits") / "summary.json"
 
+# Settings blocks and the first pipeline stage that reads each one. A stage's fingerprint covers every
+# block except those first read by a later stage, so tuning the codebook never retrains the target and
+# oracle, and tuning evaluation never retrains anything. Blocks read by no pipeline stage (baselines,
+# comparison, bench, audit) affect no marker; every other block counts for every stage.
+FIRST_READER = {
+    "codebook": "train_codebook",
+    "codebook_train": "train_codebook",
+    "select": "select_codes",
+    "evaluate": "evaluate",
+    "methods": None,
+    "compare": None,
+    "bench": None,
+    "audit": None,
+}
+# Switches that change how a run is shown or resumed, never what it computes.
+NOT_RESULTS = ("progress", "resume")
+
 
 def marker_path(ctx: RunContext, stage: str) -> Path:
     return ctx.out_dir / ".stages" / f"{stage}.json"
 
 
+def stage_settings(settings: dict[str, Any], stage: str) -> dict[str, Any]:
+    """The part of the settings that can change a stage's outputs (see ``FIRST_READER``)."""
+    from tasks.stages import PIPELINE  # the stage order; imported late because stages import this module
+
+    order = list(PIPELINE)
+    position = order.index(stage) if stage in order else len(order)
+
+    def read_by_now(block: str) -> bool:
+        if block in NOT_RESULTS:
+            return False
+        if block not in FIRST_READER:
+            return True
+        reader = FIRST_READER[block]
+        return reader is not None and order.index(reader) <= position
+
+    return {block: value for block, value in settings.items() if read_by_now(block)}
+
+
 def fingerprint(ctx: RunContext, stage: str) -> str:
-    """Settings, stage and data identity: any change to one of them redoes the stage."""
-    digest = hashlib.sha256(f"{ctx.params_hash}:{stage}".encode())
+    """Relevant settings, stage and data identity: a change to one of them redoes the stage."""
+    digest = hashlib.sha256(f"{settings_hash(stage_settings(ctx.settings, stage))}:{stage}".encode())
     summary = ctx.out_dir / SPLITS_SUMMARY
     if stage != "prepare_data" and summary.exists():
         digest.update(summary.read_bytes())

@@ -1,0 +1,45 @@
+"""Stage fingerprints: a stage is redone exactly when a setting it can depend on changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.context import make_context
+from tasks.resume import fingerprint
+from tasks.stages import PIPELINE
+
+
+def fingerprints(tmp_path: Path, overrides: dict) -> dict[str, str]:
+    ctx = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}, **overrides})
+    return {stage: fingerprint(ctx, stage) for stage in PIPELINE}
+
+
+def changed_stages(tmp_path: Path, overrides: dict) -> list[str]:
+    before = fingerprints(tmp_path, {})
+    after = fingerprints(tmp_path, overrides)
+    return [stage for stage in PIPELINE if before[stage] != after[stage]]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "first_changed"),
+    [
+        ({"finetune": {"steps": 7}}, "prepare_data"),
+        ({"seed": 123}, "prepare_data"),
+        ({"codebook": {"num_codes": 64}}, "train_codebook"),
+        ({"codebook_train": {"lr": 0.5}}, "train_codebook"),
+        ({"select": {"num_codes_to_disable": 3}}, "select_codes"),
+        ({"evaluate": {"max_new_tokens": 3}}, "evaluate"),
+    ],
+)
+def test_a_setting_redoes_its_first_reader_and_everything_after(tmp_path, overrides, first_changed):
+    order = list(PIPELINE)
+    assert changed_stages(tmp_path, overrides) == order[order.index(first_changed) :]
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"methods": {"ga": {"steps": 1}}}, {"audit": {"max_forget_rouge": 0.1}}, {"progress": False}]
+)
+def test_settings_no_pipeline_stage_reads_redo_nothing(tmp_path, overrides):
+    assert changed_stages(tmp_path, overrides) == []
