@@ -67,7 +67,11 @@ class CodebookBottleneck(nn.Module):
         self.last_ids = ids.detach()
         if self.training:
             # The auxiliary losses and revival statistics exist for training only; inference skips them.
-            self.reconstruction_loss = (quantized - normed.detach()).pow(2).mean()
+            # Relative squared error per token (the fraction of the vector the codes miss): raw-unit MSE
+            # is dominated by a pretrained model's outlier dimensions and swamps the language-model loss.
+            target = normed.detach()
+            squared_norm = target.pow(2).sum(-1).clamp_min(torch.finfo(target.dtype).tiny)
+            self.reconstruction_loss = ((quantized - target).pow(2).sum(-1) / squared_norm).mean()
             self.code_l1 = chosen.abs().sum(-1).mean()
             self.last_input = normed.detach()
             self.usage += torch.bincount(ids.reshape(-1), minlength=self.spec.num_codes)

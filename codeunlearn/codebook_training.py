@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,27 @@ class CodebookLoss:
 class Revival:
     every: int  # steps between revivals; 0 disables it
     noise: float
+
+
+@contextmanager
+def frozen_below(model: nn.Module, layer: int, enabled: bool) -> Iterator[list[nn.Parameter]]:
+    """Freeze the input embeddings and blocks 0..layer for the duration; yields the parameters left trainable.
+
+    The codebook quantizes what the lower blocks write, so keeping them fixed keeps its input distribution
+    still while it trains, and the backward pass stops at the bottleneck (about a third less compute per
+    step for a mid-depth codebook). A tied output head shares the embeddings and is frozen with them.
+    """
+    below = [*model.get_input_embeddings().parameters(), *decoder_layers(model)[: layer + 1].parameters()]
+    frozen = {id(p) for p in below} if enabled else set()
+    previous = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        for parameter in model.parameters():
+            if id(parameter) in frozen:
+                parameter.requires_grad_(False)
+        yield [p for p in model.parameters() if p.requires_grad]
+    finally:
+        for parameter in model.parameters():
+            parameter.requires_grad_(previous[id(parameter)])
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -73,9 +95,11 @@ def train_codebook(
     revival: Revival,
     init_batches: int,
     progress: bool = True,
+    freeze_below: bool = False,
 ) -> tuple[CodebookBottleneck, list[dict[str, float]]]:
     """Attach a bottleneck seeded from real activations and train it jointly with the model.
 
+    With ``freeze_below`` only the blocks above the codebook (and the codebook) train.
     Returns the bottleneck (left attached) and the training history, whose rows carry the live-code
     count and the number of revived codes, the two numbers that reveal code collapse.
     """
@@ -103,17 +127,17 @@ def train_codebook(
             revival_log["revived_total"] += bottleneck.revive_dead_codes(generator, revival.noise)
         logged.update(revival_log)
 
-    parameters = [*model.parameters(), *bottleneck.parameters()]
-    history = train_answers(
-        model,
-        tokenizer,
-        records,
-        train_spec,
-        parameters=parameters,
-        extra_loss=codebook_terms,
-        on_step=on_step,
-        progress=progress,
-        description="codebook",
-    )
+    with frozen_below(model, codebook_spec.layer, freeze_below) as trainable:
+        history = train_answers(
+            model,
+            tokenizer,
+            records,
+            train_spec,
+            parameters=[*trainable, *bottleneck.parameters()],
+            extra_loss=codebook_terms,
+            on_step=on_step,
+            progress=progress,
+            description="codebook",
+        )
     bottleneck.eval()
     return bottleneck, history

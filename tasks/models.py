@@ -138,6 +138,7 @@ def train_codebook_stage(ctx: RunContext) -> dict:
             Revival(cfg["revive_every"], cfg["revive_noise"]),
             cfg["init_batches"],
             progress=ctx.progress,
+            freeze_below=cfg["freeze_below"],
         )
         out = model_dir(ctx, "codebook")
         save_checkpoint(target.model, target.tokenizer, out, bottleneck=bottleneck)

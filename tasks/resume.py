@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -42,11 +43,15 @@ def marker_path(ctx: RunContext, stage: str) -> Path:
     return ctx.out_dir / ".stages" / f"{stage}.json"
 
 
+def _pipeline_order() -> list[str]:
+    from tasks.stages import PIPELINE  # imported late: the stage modules import this one
+
+    return list(PIPELINE)
+
+
 def stage_settings(settings: dict[str, Any], stage: str) -> dict[str, Any]:
     """The part of the settings that can change a stage's outputs (see ``FIRST_READER``)."""
-    from tasks.stages import PIPELINE  # the stage order; imported late because stages import this module
-
-    order = list(PIPELINE)
+    order = _pipeline_order()
     position = order.index(stage) if stage in order else len(order)
 
     def read_by_now(block: str) -> bool:
@@ -84,10 +89,26 @@ def resumable(stage: str) -> Callable[[Callable[[RunContext], R]], Callable[[Run
             cached = completed_result(ctx, stage)
             if cached is not None:
                 return cached
+            started = time.perf_counter()
             result = run(ctx)
-            write_json(marker_path(ctx, stage), {"fingerprint": fingerprint(ctx, stage), "result": result})
+            wall_s = time.perf_counter() - started
+            write_json(
+                marker_path(ctx, stage), {"fingerprint": fingerprint(ctx, stage), "result": result, "wall_s": wall_s}
+            )
             return result
 
         return wrapper
 
     return decorate
+
+
+def recorded_stage_times(ctx: RunContext) -> dict[str, float]:
+    """Each completed stage's wall time, as measured when it actually ran (a resumed stage keeps its own)."""
+    times = {}
+    for stage in _pipeline_order():
+        marker = marker_path(ctx, stage)
+        if marker.exists():
+            record = read_json(marker)
+            if record.get("fingerprint") == fingerprint(ctx, stage) and "wall_s" in record:
+                times[stage] = float(record["wall_s"])
+    return times

@@ -120,3 +120,46 @@ def test_dead_codes_are_revived_from_activations():
     assert torch.equal(bottleneck.codes[used], before[used])
     assert not torch.equal(bottleneck.codes[~used], before[~used])
     assert int(bottleneck.usage.sum()) == 0
+
+
+def test_freeze_below_trains_only_the_blocks_above_the_codebook(tiny_model, tiny_tokenizer, tiny_qa):
+    from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
+    from codeunlearn.training import TrainSpec
+
+    before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
+    spec = TrainSpec(
+        steps=3,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_length=48,
+        grad_clip=1.0,
+        seed=0,
+        log_every=1,
+    )
+    train_codebook(
+        tiny_model,
+        tiny_tokenizer,
+        tiny_qa["forget"] + tiny_qa["retain"],
+        CodebookSpec(num_codes=32, k=4, layer=0),
+        spec,
+        CodebookLoss(1.0, 1e-3),
+        Revival(every=0, noise=0.0),
+        init_batches=1,
+        progress=False,
+        freeze_below=True,
+    )
+    changed = {name for name, p in tiny_model.named_parameters() if not torch.equal(p, before[name])}
+    assert not any(name.startswith(("model.embed_tokens", "model.layers.0.")) for name in changed)
+    assert any(name.startswith("model.layers.1.") for name in changed)
+    assert all(p.requires_grad for p in tiny_model.parameters())  # restored after training
+
+
+def test_reconstruction_loss_is_relative_to_the_input_norm():
+    bottleneck = CodebookBottleneck(4, CodebookSpec(num_codes=2, k=1, layer=0, use_layernorm=False))
+    with torch.no_grad():
+        bottleneck.codes.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0]]))
+    bottleneck.train()
+    bottleneck(torch.tensor([[[100.0, 0, 0, 0]]]))  # nearest code (1,0,0,0): misses 99 of 100
+    assert bottleneck.reconstruction_loss.item() == pytest.approx(0.99**2)
