@@ -1,7 +1,8 @@
 """One supervised loop for every fine-tune: target, oracle, codebook training and gradient baselines.
 
 Loss on answer tokens only (TOFU's protocol); a method adds its own terms through ``extra_loss``
-instead of writing another loop.
+instead of writing another loop. Given an ``accelerate.Accelerator``, the same loop runs data-parallel:
+every process draws the global batch the single-process loop would draw and trains on its slice of it.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.prompting import EncodedQA, encode_qa, pad_batch
+from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, encode_qa, pad_batch
 
 ExtraLoss = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -56,6 +58,39 @@ def answer_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return out.loss
 
 
+def answer_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy over answer tokens: the numerator of ``answer_loss`` (same shift, float32 logits)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def answer_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Answer tokens ``answer_loss`` averages over (labels after the causal shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def shard_batch(batch: dict[str, torch.Tensor], index: int, count: int) -> dict[str, torch.Tensor]:
+    """Process ``index`` of ``count``'s contiguous rows of a global batch (``torch.tensor_split``'s sizes).
+
+    A process left without a row (a last batch smaller than ``count``) gets one row with every label
+    ignored: it contributes nothing to the loss but still joins the gradient all-reduce.
+    """
+    rows = batch["input_ids"].shape[0]
+    base, extra = divmod(rows, count)
+    start = index * base + min(index, extra)
+    stop = start + base + (1 if index < extra else 0)
+    if stop > start:
+        return {name: tensor[start:stop] for name, tensor in batch.items()}
+    empty = {name: tensor[:1].clone() for name, tensor in batch.items()}
+    empty["labels"].fill_(IGNORE_INDEX)
+    return empty
+
+
 def batches_forever(encoded: Sequence[EncodedQA], batch_size: int, pad_token_id: int, generator: torch.Generator):
     """Shuffled epochs, drawn from a seeded generator so a run is replayable."""
     while True:
@@ -83,8 +118,21 @@ def train_answers(
     on_step: StepCallback | None = None,
     progress: bool = True,
     description: str = "train",
+    accelerator: Any | None = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` on the answers of ``records``; returns the logged history (one dict per log step)."""
+    """Train ``model`` on the answers of ``records``; returns the logged history (one dict per log step).
+
+    With ``accelerator`` (an ``accelerate.Accelerator``, e.g. under ``accelerate launch``), ``model`` is
+    wrapped for data parallelism and trained in place; ``spec.batch_size`` stays the global batch. Each
+    process draws the same seeded global batch and takes its contiguous rows; its summed answer loss is
+    divided by the global batch's answer-token count, so the averaged gradient and the logged ``ce`` are
+    the single-process ones (up to float summation order). ``extra_loss`` terms are per-process means,
+    averaged over processes. Every process returns the same history and calls ``on_step`` with it.
+    """
+    if accelerator is not None:
+        return _train_answers_data_parallel(
+            model, tokenizer, records, spec, accelerator, parameters, extra_loss, on_step, progress, description
+        )
     device = next(model.parameters()).device
     generator = seed_everything(spec.seed)
     encoded = encode_records(tokenizer, records, spec.max_length)
@@ -106,6 +154,60 @@ def train_answers(
         optimizer.step()
         scheduler.step()
         logged = {"loss": loss.item(), "ce": ce.item(), **{name: term.item() for name, term in terms.items()}}
+        if on_step is not None:
+            on_step(step, logged)
+        if step % spec.log_every == 0 or step == spec.steps - 1:
+            history.append({"step": step, **logged})
+            bar.set_postfix(ce=f"{logged['ce']:.3f}")
+    model.eval()
+    return history
+
+
+def _train_answers_data_parallel(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Any],
+    spec: TrainSpec,
+    accelerator: Any,
+    parameters: Sequence[nn.Parameter] | None,
+    extra_loss: ExtraLoss | None,
+    on_step: StepCallback | None,
+    progress: bool,
+    description: str,
+) -> list[dict[str, float]]:
+    """``train_answers`` under an ``accelerate.Accelerator``: same batches, schedule and logging."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    generator = seed_everything(spec.seed)
+    encoded = encode_records(tokenizer, records, spec.max_length)
+    params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    # The schedule counts global steps, so it is not passed to prepare() (which would step it once per process).
+    scheduler = linear_warmup(optimizer, spec.warmup_steps)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    device = accelerator.device
+    stream = batches_forever(encoded, spec.batch_size, tokenizer.pad_token_id, generator)
+    history: list[dict[str, float]] = []
+    model.train()
+    bar = tqdm(
+        range(spec.steps), desc=description, disable=not progress or not accelerator.is_local_main_process, leave=False
+    )
+    for step in bar:
+        global_batch = next(stream)
+        tokens = max(1, answer_token_count(global_batch))
+        batch = to_device(shard_batch(global_batch, rank, world), device)
+        ce_sum = answer_loss_sum(wrapped, batch)
+        terms = extra_loss(model, batch) if extra_loss is not None else {}
+        # DDP averages gradients over processes: scaling by ``world`` makes the CE part the global token mean.
+        loss = ce_sum * (world / tokens) + sum(terms.values(), torch.zeros((), device=device))
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, spec.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        totals = accelerator.reduce(torch.stack([ce_sum.detach(), *(t.detach() for t in terms.values())]), "sum")
+        ce = totals[0].item() / tokens
+        term_means = {name: totals[i + 1].item() / world for i, name in enumerate(terms)}
+        logged = {"loss": ce + sum(term_means.values()), "ce": ce, **term_means}
         if on_step is not None:
             on_step(step, logged)
         if step % spec.log_every == 0 or step == spec.steps - 1:
