@@ -38,6 +38,135 @@ class CodeCounts:
         return self.tokens * self.k
 
 
+class _StopForward(Exception):
+    """Raised once the codebook's input is known: the code ids at block L never depend on later blocks."""
+
+
+@dataclass(frozen=True)
+class CodeRanking:
+    """Every counted token's ``depth`` most similar codes, best first, under the mask they were ranked with.
+
+    The mask acts on the codebook's output, never on its input, so under any larger mask a token
+    selects exactly the first k codes of its ranking that are not disabled (``depth`` >= k + the
+    number of codes disabled since). One forward pass serves every round of an iterative selection.
+    """
+
+    ids: torch.Tensor  # [tokens, depth] int32
+    k: int
+    num_codes: int
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    def counts(self, disabled: torch.Tensor | None = None) -> CodeCounts:
+        """The counts a forward pass with ``disabled`` codes masked gives (it must include the ranking's mask)."""
+        counts = torch.zeros(self.num_codes, dtype=torch.long)
+        disabled = disabled.cpu() if disabled is not None else None
+        for start in range(0, self.tokens, _RANKING_CHUNK):  # bounded memory on large sets
+            ids = self.ids[start : start + _RANKING_CHUNK].long()
+            if disabled is None:
+                chosen = ids[:, : self.k]
+            else:
+                allowed = ~disabled[ids]
+                taken = allowed & (allowed.cumsum(-1) <= self.k)
+                if int(taken.sum(-1).min()) < self.k:
+                    raise ValueError(
+                        f"a ranking of depth {ids.shape[1]} has fewer than k={self.k} codes left enabled; "
+                        "rank deeper (k + the number of codes disabled since ranking)"
+                    )
+                chosen = ids[taken]
+            counts += torch.bincount(chosen.reshape(-1), minlength=self.num_codes)
+        return CodeCounts(counts=counts, tokens=self.tokens, k=self.k)
+
+
+_RANKING_CHUNK = 65536
+
+
+def _batches(
+    tokenizer: Any, records: Sequence[Any], batch_size: int, max_length: int, positions: str
+) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Padded batches and, per batch, the positions whose codes count ("all" tokens or "answer" ones).
+
+    Records are batched by length, which cuts padding; the sort is stable, so the batches are the same
+    on every platform.
+    """
+    if positions not in ("all", "answer"):
+        raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
+    encoded = sorted((encode_qa(tokenizer, r.question, r.answer, max_length) for r in records), key=_length)
+    batches = []
+    for start in range(0, len(encoded), batch_size):
+        batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        keep = batch["attention_mask"].bool()
+        if positions == "answer":
+            # The code at position t produces token t+1, so answer tokens are predicted from t-1 onwards.
+            keep = torch.zeros_like(keep)
+            keep[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+        batches.append((batch, keep))
+    return batches
+
+
+def _length(encoded: Any) -> int:
+    return len(encoded.input_ids)
+
+
+def _forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.device) -> None:
+    model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    )
+
+
+@torch.inference_mode()
+def rank_codes(
+    model: nn.Module,
+    bottleneck: CodebookBottleneck,
+    tokenizer: Any,
+    records: Sequence[Any],
+    *,
+    depth: int,
+    batch_size: int,
+    max_length: int,
+    positions: str,
+    progress: bool = False,
+) -> CodeRanking:
+    """Each counted token's ``depth`` most similar codes under the bottleneck's current mask.
+
+    The forward pass stops at the codebook's input: the blocks after it and the LM head never run.
+    """
+    depth = min(max(depth, bottleneck.spec.k), bottleneck.spec.num_codes)
+    captured: list[torch.Tensor] = []
+
+    def rank(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        # The very expression CodebookBottleneck.forward takes its top k from.
+        similarities = bottleneck.similarities(bottleneck.norm(args[0]))
+        captured.append(similarities.topk(depth, dim=-1).indices)
+        raise _StopForward
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    handle = bottleneck.register_forward_pre_hook(rank)
+    try:
+        batches = _batches(tokenizer, records, batch_size, max_length, positions)
+        for batch, keep in tqdm(batches, desc="code ranks", disable=not progress, leave=False):
+            captured.clear()
+            try:
+                _forward(model, batch, device)
+            except _StopForward:
+                pass
+            if len(captured) != 1:
+                raise ValueError("the codebook did not run in this model's forward: is it attached to this model?")
+            rows.append(captured[0].cpu()[keep].to(torch.int32))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    ids = torch.cat(rows) if rows else torch.zeros((0, depth), dtype=torch.int32)
+    return CodeRanking(ids=ids, k=bottleneck.spec.k, num_codes=bottleneck.spec.num_codes)
+
+
 @torch.inference_mode()
 def count_codes(
     model: nn.Module,
@@ -49,29 +178,33 @@ def count_codes(
     max_length: int,
     positions: str,
     progress: bool = False,
+    stop_early: bool = True,
 ) -> CodeCounts:
-    """Count the codes selected on every real token of question+answer ("all") or on answer tokens only."""
-    if positions not in ("all", "answer"):
-        raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
+    """Count the codes selected on every real token of question+answer ("all") or on answer tokens only.
+
+    With ``stop_early`` (the default) the forward pass stops at the codebook, which gives exactly the
+    counts of a full forward (the code ids at block L do not depend on later blocks) at about half the cost.
+    """
+    if stop_early:
+        counting = {"batch_size": batch_size, "max_length": max_length, "positions": positions}
+        ranking = rank_codes(
+            model, bottleneck, tokenizer, records, depth=bottleneck.spec.k, progress=progress, **counting
+        )
+        return ranking.counts()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     counts = torch.zeros(bottleneck.spec.num_codes, dtype=torch.long)
     tokens = 0
-    encoded = [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
-    starts = range(0, len(encoded), batch_size)
-    for start in tqdm(starts, desc="code counts", disable=not progress, leave=False):
-        batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id)
-        model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-        keep = batch["attention_mask"].bool()
-        if positions == "answer":
-            # The code at position t produces token t+1, so answer tokens are predicted from t-1 onwards.
-            keep = torch.zeros_like(keep)
-            keep[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
-        ids = bottleneck.last_ids.cpu()[keep]
-        counts += torch.bincount(ids.reshape(-1), minlength=bottleneck.spec.num_codes)
-        tokens += int(keep.sum())
-    model.train(was_training)
+    try:
+        batches = _batches(tokenizer, records, batch_size, max_length, positions)
+        for batch, keep in tqdm(batches, desc="code counts", disable=not progress, leave=False):
+            _forward(model, batch, device)
+            ids = bottleneck.last_ids.cpu()[keep]
+            counts += torch.bincount(ids.reshape(-1), minlength=bottleneck.spec.num_codes)
+            tokens += int(keep.sum())
+    finally:
+        model.train(was_training)
     return CodeCounts(counts=counts, tokens=tokens, k=bottleneck.spec.k)
 
 
@@ -220,31 +353,21 @@ class SelectionSpec:
 
 
 def _select_once(
-    model: nn.Module,
-    bottleneck: CodebookBottleneck,
-    tokenizer: Any,
-    forget: Sequence[Any],
-    control: Sequence[Any],
+    disabled: torch.Tensor,
+    forget_counts: CodeCounts,
+    control_counts: CodeCounts,
+    retain_counts: CodeCounts | None,
     spec: SelectionSpec,
+    codebook: tuple[str, int],
     provenance: dict[str, Any],
-    progress: bool = False,
-    retain: Sequence[Any] | None = None,
 ) -> tuple[CodeMask, Enrichment]:
-    """One round: count (with the codebook's current mask), test, keep the top forget-enriched codes."""
-    counting = {"batch_size": spec.batch_size, "max_length": spec.max_length, "positions": spec.positions}
-    forget_counts = count_codes(model, bottleneck, tokenizer, forget, progress=progress, **counting)
-    control_counts = count_codes(model, bottleneck, tokenizer, control, progress=progress, **counting)
+    """One round: test the counts, keep the top forget-enriched codes that are not ``disabled`` yet."""
     enrichment = chi2_enrichment(forget_counts, control_counts, spec.smoothing)
     protected = None
-    if spec.protect_retain:
-        if retain is None:
-            raise ValueError("protect_retain needs the retain records")
-        retain_counts = count_codes(model, bottleneck, tokenizer, retain, progress=progress, **counting)
+    if retain_counts is not None:
         versus_retain = chi2_enrichment(forget_counts, retain_counts, spec.smoothing)
         protected = versus_retain.log_ratio <= spec.protect_log_ratio
-    ranked = rank_enriched_codes(
-        enrichment, alpha=spec.alpha, already_disabled=bottleneck.disabled, protected=protected
-    )
+    ranked = rank_enriched_codes(enrichment, alpha=spec.alpha, already_disabled=disabled, protected=protected)
     chosen = ranked[: spec.num_codes_to_disable]
     details = {
         **provenance,
@@ -257,8 +380,8 @@ def _select_once(
     mask = CodeMask(
         disabled_ids=[int(i) for i in chosen],
         scores=[float(enrichment.chi2[i]) for i in chosen],
-        codebook_sha256=codebook_sha256(bottleneck),
-        num_codes=bottleneck.spec.num_codes,
+        codebook_sha256=codebook[0],
+        num_codes=codebook[1],
         provenance=details,
     )
     return mask, enrichment
@@ -277,42 +400,55 @@ def select_mask(
 ) -> tuple[CodeMask, Enrichment]:
     """CodeUnlearn's zero-shot step: S' forget-enriched codes, found in ``spec.rounds`` rounds.
 
+    Each round counts codes with the codes chosen so far disabled, so the substitutes that take their
+    place can be chosen next. The mask changes only what the codebook outputs, never its input, so
+    the forget, control (and retain) sets are each run through the model once, up to the codebook,
+    and every round re-counts them exactly from the tokens' code rankings (see ``CodeRanking``).
+
     The ids come out in the order they were chosen, so a prefix is the selection at a smaller S'.
-    The bottleneck's mask is left exactly as it was found.
+    The bottleneck's mask is never touched.
     """
     if spec.rounds < 1:
         raise ValueError(f"select.rounds must be >= 1, got {spec.rounds}")
+    if spec.protect_retain and retain is None:
+        raise ValueError("protect_retain needs the retain records")
+    counting = {"batch_size": spec.batch_size, "max_length": spec.max_length, "positions": spec.positions}
     per_round = -(-spec.num_codes_to_disable // spec.rounds)
-    found_with = bottleneck.disabled.clone()
+    # Deep enough for every round: at most per_round x (rounds - 1) codes are disabled before the last.
+    depth = bottleneck.spec.k + per_round * (spec.rounds - 1)
+
+    def rank(records: Sequence[Any]) -> CodeRanking:
+        return rank_codes(model, bottleneck, tokenizer, records, depth=depth, progress=progress, **counting)
+
+    forget_ranking = rank(forget)
+    control_ranking = rank(control)
+    retain_ranking = rank(retain) if spec.protect_retain else None
+    codebook = (codebook_sha256(bottleneck), bottleneck.spec.num_codes)
+    disabled = bottleneck.disabled.detach().cpu().clone()
     ids: list[int] = []
     scores: list[float] = []
     first: tuple[CodeMask, Enrichment] | None = None
     rounds_run = 0
-    try:
-        for _ in range(spec.rounds):
-            wanted = min(per_round, spec.num_codes_to_disable - len(ids))
-            if wanted <= 0:
-                break
-            mask, enrichment = _select_once(
-                model,
-                bottleneck,
-                tokenizer,
-                forget,
-                control,
-                replace(spec, num_codes_to_disable=wanted),
-                provenance,
-                progress,
-                retain,
-            )
-            first = first or (mask, enrichment)
-            if not mask.disabled_ids:
-                break
-            rounds_run += 1
-            ids.extend(mask.disabled_ids)
-            scores.extend(mask.scores)
-            bottleneck.disabled[torch.tensor(mask.disabled_ids, dtype=torch.long)] = True
-    finally:
-        bottleneck.disabled.copy_(found_with)
+    for _ in range(spec.rounds):
+        wanted = min(per_round, spec.num_codes_to_disable - len(ids))
+        if wanted <= 0:
+            break
+        mask, enrichment = _select_once(
+            disabled,
+            forget_ranking.counts(disabled),
+            control_ranking.counts(disabled),
+            retain_ranking.counts(disabled) if retain_ranking is not None else None,
+            replace(spec, num_codes_to_disable=wanted),
+            codebook,
+            provenance,
+        )
+        first = first or (mask, enrichment)
+        if not mask.disabled_ids:
+            break
+        rounds_run += 1
+        ids.extend(mask.disabled_ids)
+        scores.extend(mask.scores)
+        disabled[torch.tensor(mask.disabled_ids, dtype=torch.long)] = True
     first_mask, first_enrichment = first
     details = {**first_mask.provenance, "selection": asdict(spec), "rounds_run": rounds_run}
     return CodeMask(ids, scores, first_mask.codebook_sha256, first_mask.num_codes, details), first_enrichment

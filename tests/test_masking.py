@@ -100,17 +100,34 @@ def test_random_control_is_matched_and_disjoint():
 
 def codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed: int):
     records = tiny_qa["forget"] + tiny_qa["retain"]
-    spec = TrainSpec(steps=30, batch_size=4, lr=3e-3, weight_decay=0.0, warmup_steps=2, max_length=48,
-                     grad_clip=1.0, seed=seed, log_every=10)
+    spec = TrainSpec(
+        steps=30,
+        batch_size=4,
+        lr=3e-3,
+        weight_decay=0.0,
+        warmup_steps=2,
+        max_length=48,
+        grad_clip=1.0,
+        seed=seed,
+        log_every=10,
+    )
     bottleneck, history = train_codebook(
-        tiny_model, tiny_tokenizer, records, CodebookSpec(num_codes=64, k=4, layer=0), spec,
-        CodebookLoss(1.0, 1e-3), Revival(every=10, noise=0.1), init_batches=2, progress=False,
+        tiny_model,
+        tiny_tokenizer,
+        records,
+        CodebookSpec(num_codes=64, k=4, layer=0),
+        spec,
+        CodebookLoss(1.0, 1e-3),
+        Revival(every=10, noise=0.1),
+        init_batches=2,
+        progress=False,
     )
     return bottleneck, history
 
 
-SELECTION = SelectionSpec(num_codes_to_disable=5, alpha=0.5, smoothing=0.5, positions="all", batch_size=4,
-                          max_length=48)
+SELECTION = SelectionSpec(
+    num_codes_to_disable=5, alpha=0.5, smoothing=0.5, positions="all", batch_size=4, max_length=48
+)
 
 
 def test_same_seed_gives_the_same_mask(tiny_tokenizer, tiny_qa):
@@ -156,3 +173,56 @@ def test_hook_survives_checkpoint_round_trip(tmp_path, tiny_model, tiny_tokenize
     with torch.inference_mode():
         torch.testing.assert_close(loaded.model(ids).logits, tiny_model(ids).logits)
     assert loaded.bottleneck is not None
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_counting_stops_at_the_codebook_with_the_counts_of_a_full_forward(
+    tiny_model, tiny_tokenizer, tiny_qa, positions
+):
+    from codeunlearn.masking import count_codes
+
+    bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
+    records = tiny_qa["forget"] + tiny_qa["retain"]
+    counting = {"batch_size": 3, "max_length": 48, "positions": positions}
+    for disabled in ([], [0, 7, 21]):
+        bottleneck.disabled.zero_()
+        bottleneck.disabled[torch.tensor(disabled, dtype=torch.long)] = True
+        early = count_codes(tiny_model, bottleneck, tiny_tokenizer, records, **counting)
+        full = count_codes(tiny_model, bottleneck, tiny_tokenizer, records, stop_early=False, **counting)
+        assert torch.equal(early.counts, full.counts)
+        assert early.tokens == full.tokens > 0 and early.k == full.k
+    unmask(bottleneck)
+
+
+def test_one_ranking_gives_the_counts_of_a_forward_under_any_larger_mask(
+    tiny_model, tiny_tokenizer, tiny_qa, monkeypatch
+):
+    from codeunlearn import masking
+    from codeunlearn.masking import count_codes, rank_codes
+
+    monkeypatch.setattr(masking, "_RANKING_CHUNK", 7)  # several chunks, the last one partial
+
+    bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
+    records = tiny_qa["forget"] + tiny_qa["retain"]
+    counting = {"batch_size": 4, "max_length": 48, "positions": "all"}
+    bottleneck.disabled[3] = True  # the mask the ranking is taken under (an earlier request's)
+    ranking = rank_codes(tiny_model, bottleneck, tiny_tokenizer, records, depth=bottleneck.spec.k + 12, **counting)
+    used = ranking.counts(bottleneck.disabled).counts.argsort(descending=True, stable=True)
+    for extra in ([], used[:4].tolist(), used[:12].tolist()):
+        bottleneck.disabled[torch.tensor(extra, dtype=torch.long)] = True
+        full = count_codes(tiny_model, bottleneck, tiny_tokenizer, records, stop_early=False, **counting)
+        assert torch.equal(ranking.counts(bottleneck.disabled).counts, full.counts)
+    bottleneck.disabled[ranking.ids[0, :13].long()] = True  # one more than the first token's ranking allows
+    with pytest.raises(ValueError, match="fewer than k"):
+        ranking.counts(bottleneck.disabled)
+    unmask(bottleneck)
+
+
+def test_selection_leaves_the_mask_it_found(tiny_model, tiny_tokenizer, tiny_qa):
+    bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
+    bottleneck.disabled[torch.tensor([2, 5])] = True
+    spec = SelectionSpec(**{**SELECTION.__dict__, "rounds": 3, "num_codes_to_disable": 6})
+    mask, _ = select_mask(tiny_model, bottleneck, tiny_tokenizer, tiny_qa["forget"], tiny_qa["retain"], spec, {})
+    assert bottleneck.disabled.nonzero().flatten().tolist() == [2, 5]
+    assert mask.disabled_ids and not {2, 5} & set(mask.disabled_ids)
+    assert len(set(mask.disabled_ids)) == len(mask.disabled_ids)
