@@ -116,9 +116,7 @@ def generate_from_ids(
             # BPE tokenizers (with a warning), and it only removes spaces before punctuation, which
             # rouge_score's tokenizer discards anyway. Off, so every tokenizer decodes the same way.
             texts.extend(
-                tokenizer.batch_decode(
-                    output[:, width:], skip_special_tokens=True, clean_up_tokenization_spaces=False
-                )
+                tokenizer.batch_decode(output[:, width:], skip_special_tokens=True, clean_up_tokenization_spaces=False)
             )
     return texts
 
@@ -161,6 +159,22 @@ def encode_raw(tokenizer, text: str, add_bos: bool) -> list[int]:
     return ids
 
 
+def keep_last_tokens(ids: Sequence[int], max_tokens: int, bos_token_id: int | None) -> list[int]:
+    """The prompt cut from the left to its last ``max_tokens`` tokens, a leading BOS kept in place.
+
+    A continuation depends most on the text right before it, so a prompt longer than a model's
+    context keeps its end (muse_bench feeds whole prompts to a 4k-context Llama-2).
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    ids = list(ids)
+    if len(ids) <= max_tokens:
+        return ids
+    if bos_token_id is not None and ids[0] == bos_token_id:
+        return [bos_token_id, *ids[len(ids) - max_tokens + 1 :]] if max_tokens > 1 else [bos_token_id]
+    return ids[len(ids) - max_tokens :]
+
+
 def generate_continuations(
     model: nn.Module,
     tokenizer,
@@ -170,13 +184,17 @@ def generate_continuations(
     add_bos: bool = True,
     stop_strings: Sequence[str] = (),
     progress: bool = False,
+    max_prompt_tokens: int | None = None,
 ) -> list[str]:
     """Greedy continuations of raw prompts (MUSE VerbMem / KnowMem), cut at ``stop_strings``.
 
     As in muse_bench the text is neither stripped nor re-formatted; ROUGE's tokenizer ignores the
-    surrounding whitespace anyway.
+    surrounding whitespace anyway. ``max_prompt_tokens`` (None: whole prompts) keeps each prompt's
+    last tokens (``keep_last_tokens``).
     """
     ids = [encode_raw(tokenizer, prompt, add_bos) for prompt in prompts]
+    if max_prompt_tokens is not None:
+        ids = [keep_last_tokens(item, max_prompt_tokens, tokenizer.bos_token_id) for item in ids]
     texts = generate_from_ids(model, tokenizer, ids, max_new_tokens, batch_size, progress, "continuing")
     return [truncate_at_stop_strings(text, stop_strings) for text in texts]
 

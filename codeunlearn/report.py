@@ -58,6 +58,13 @@ RELEARN_COLUMNS = {
     "attack_half_rouge_after": "attacked-half ROUGE after",
     "final_loss": "final loss",
 }
+MUSE_COLUMNS = {
+    "muse_verbmem_rouge": "VerbMem ROUGE-L F1",
+    "muse_knowmem_forget_rouge": "KnowMem forget",
+    "muse_knowmem_retain_rouge": "KnowMem retain ↑",
+    "muse_privleak_auc": "Min-40% AUC",
+    "muse_privleak": "PrivLeak →0",
+}
 CODE_COLUMNS = {
     "masked_usage_forget": "forget code slots disabled",
     "masked_usage_retain": "retain code slots disabled",
@@ -173,6 +180,46 @@ def frontier_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def muse_lines(metrics: Mapping[str, Mapping[str, Any]], details: Mapping[str, Any]) -> list[str]:
+    """The MUSE-News table and what its numbers mean here; empty when no row has MUSE numbers."""
+    rows = {name: values for name, values in metrics.items() if any(key in values for key in MUSE_COLUMNS)}
+    if not rows:
+        return []
+    muse = details.get("muse") or {}
+    sets = muse.get("sets") or {}
+    spec = muse.get("spec") or {}
+    lines = [
+        "",
+        "### MUSE-News",
+        "",
+        markdown_table(rows, MUSE_COLUMNS),
+        "",
+        "MUSE's metrics (Shi et al. 2025) on its News data, 0-1 scale (MUSE's tables show ×100). **None of "
+        "these models was trained on MUSE-News**: the MUSE target is fine-tuned on the News forget articles, "
+        "ours on TOFU. So VerbMem (greedy continuation of forget-article prompts vs the true continuation) and "
+        "KnowMem (few-shot QA on forget and retain articles) measure the general news knowledge each model "
+        "brings, and the rows differ only through what training and unlearning did to it: the gap between "
+        "`codeunlearn` and `codebook` is collateral damage of the mask, `random_codes` the same for a random "
+        "mask. Min-40% AUC separates forget from holdout articles (MUSE orientation: about 0.5 when neither "
+        "was seen); PrivLeak is (AUC − AUC_oracle) / AUC_oracle × 100 against this run's oracle, so here it "
+        "exercises the machinery on real MUSE texts rather than measuring leakage of a learned forget set.",
+    ]
+    if sets:
+        lines += [
+            "",
+            f"Items: {sets.get('verbmem', 0)} VerbMem prompts, {sets.get('knowmem_forget', 0)} + "
+            f"{sets.get('knowmem_retain', 0)} KnowMem QAs ({sets.get('icl_examples', 0)} in-context pairs), "
+            f"{sets.get('privleak_forget', 0)} + {sets.get('privleak_holdout', 0)} privleak articles (evenly "
+            f"spaced subsets); {spec.get('max_new_tokens', 'n/a')} VerbMem tokens (MUSE: 128), prompts cut to "
+            f"their last {spec.get('max_prompt_tokens') or 'context'} tokens, articles scored on their first "
+            f"{spec.get('privleak_max_length', 'n/a')} tokens (params `evaluate.muse`).",
+        ]
+    timing = muse.get("timing_s") or {}
+    if timing:
+        lines += ["", "MUSE time per model: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."]
+    return lines
+
+
 def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     """Markdown report of one run. Holds counts, hashes and metrics only: never the forget set's text."""
     metrics = {name: inputs["metrics"][name] for name in ROW_ORDER if name in inputs["metrics"]}
@@ -281,6 +328,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "reference: what learning the unseen half from the attacked half alone gives; a model that "
             "truly forgot should not exceed it (`after − oracle after` near 0).",
         ]
+    lines += muse_lines(metrics, details)
     codes = code_rows(metrics)
     if codes:
         lines += [

@@ -2,7 +2,8 @@
 
 Per model: TOFU forget / retain / real-authors / world-facts numbers, forget quality and PrivLeak
 against this run's oracle, membership inference, then the quantization and relearning attacks on
-the model as deployed (CodeUnlearn with its mask applied). Writes ``eval/metrics.json`` (nested by
+the model as deployed (CodeUnlearn with its mask applied), and MUSE-News (VerbMem, KnowMem,
+PrivLeak against this run's oracle; ``evaluate.muse``). Writes ``eval/metrics.json`` (nested by
 model: the DVC metrics), ``eval/details.json`` (per-item numbers, quantizer records, code usage,
 timings; never text) and the plots; logs every number to MLflow as ``<model>.<metric>``.
 """
@@ -48,6 +49,7 @@ from codeunlearn.evaluation import (  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.masking import CodeMask, apply_mask, count_codes, load_mask, random_mask_like, unmask  # noqa: E402
 from codeunlearn.metrics.quantization import QuantizationSpec  # noqa: E402
+from codeunlearn.muse_eval import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.models import load_role  # noqa: E402
@@ -265,6 +267,64 @@ def deployed(checkpoint: Checkpoint, mask: CodeMask | None, source: str) -> Iter
 
 
 @dataclass
+class MuseRun:
+    """MUSE-News on the suite's models (``evaluate.muse``); the oracle's AUC is every PrivLeak's reference.
+
+    Our models are trained on TOFU, never on MUSE-News: the rows measure general news knowledge and
+    what an unlearning edit costs it, not the forgetting of the MUSE forget corpus.
+    """
+
+    sets: MuseSets
+    spec: MuseSpec
+    models: tuple[str, ...]
+    oracle_auc: float | None = None
+
+    def run(self, name: str, checkpoint: Checkpoint, progress: bool) -> dict[str, Any]:
+        began = time.perf_counter()
+        scores: MuseScores = score_muse(checkpoint.model, checkpoint.tokenizer, self.sets, self.spec, progress)
+        if name == "oracle":
+            self.oracle_auc = scores.privleak_auc
+        seconds = time.perf_counter() - began
+        log.info("MUSE on %s in %.1f s", name, seconds)
+        return {"row": muse_row(scores, self.oracle_auc), "per_item": muse_details(scores), "seconds": seconds}
+
+    def describe(self) -> dict[str, Any]:
+        """Counts, hashes and the spec: what an auditor needs to re-run it (no text)."""
+        return {
+            "sets": self.sets.counts(),
+            "sha256": dict(self.sets.sha256),
+            "spec": asdict(self.spec),
+            "models": list(self.models),
+            "per_item": {},
+            "timing_s": {},
+        }
+
+
+def build_muse(ctx: RunContext) -> MuseRun | None:
+    """The MUSE-News run of ``evaluate.muse`` (None when disabled)."""
+    cfg = ctx.settings["evaluate"].get("muse") or {}
+    if not cfg.get("enabled"):
+        return None
+    sets = load_muse_sets(
+        ctx.resolve(ctx.settings["paths"]["muse_dir"]),
+        verbmem_size=cfg["verbmem_size"],
+        knowmem_size=cfg["knowmem_size"],
+        privleak_size=cfg["privleak_size"],
+        icl_examples=cfg["icl_examples"],
+    )
+    spec = MuseSpec(
+        batch_size=cfg["batch_size"],
+        score_batch_size=cfg["score_batch_size"],
+        max_new_tokens=cfg["max_new_tokens"],
+        knowmem_max_new_tokens=cfg["knowmem_max_new_tokens"],
+        max_prompt_tokens=cfg["max_prompt_tokens"],
+        privleak_max_length=cfg["privleak_max_length"],
+        min_k=ctx.settings["evaluate"]["mia"]["min_k"],
+    )
+    return MuseRun(sets=sets, spec=spec, models=tuple(cfg["models"]))
+
+
+@dataclass
 class Suite:
     """Everything one model is put through: TOFU metrics, MIA, and the quantization and relearning attacks.
 
@@ -278,6 +338,7 @@ class Suite:
     relearn: RelearnSpec | None
     progress: bool
     oracle_scores: ModelScores | None = None
+    muse: MuseRun | None = None
 
     def run(self, name: str, checkpoint: Checkpoint, quantize: bool, relearn: bool) -> dict[str, Any]:
         began = time.perf_counter()
@@ -285,6 +346,10 @@ class Suite:
         if name == "oracle":
             self.oracle_scores = scores
         row: dict[str, Any] = summarize(scores, self.oracle_scores)
+        muse_result = None
+        if self.muse is not None and name in self.muse.models:
+            muse_result = self.muse.run(name, checkpoint, self.progress)
+            row.update(muse_result["row"])
         quant_records: Any = None
         if quantize and self.quantization:
             row["quant"], quant_records = quantization_attack(
@@ -308,10 +373,17 @@ class Suite:
             )
         seconds = time.perf_counter() - began
         log.info("evaluated %s in %.1f s", name, seconds)
-        return {"row": row, "per_item": per_item(scores), "quantization": quant_records, "seconds": seconds}
+        return {
+            "row": row,
+            "per_item": per_item(scores),
+            "quantization": quant_records,
+            "seconds": seconds,
+            "muse": muse_result,
+        }
 
 
-def build_suite(ctx: RunContext) -> Suite:
+def build_suite(ctx: RunContext, with_muse: bool = False) -> Suite:
+    """The evaluation suite of ``evaluate``'s params; MUSE-News only where asked (the pipeline's evaluate)."""
     cfg = ctx.settings["evaluate"]
     quant_cfg, relearn_cfg = cfg["quantization"], cfg["relearn"]
     relearn = RelearnSpec(
@@ -330,6 +402,7 @@ def build_suite(ctx: RunContext) -> Suite:
         quantization=quantization_specs(quant_cfg) if quant_cfg["enabled"] else [],
         relearn=relearn if relearn_cfg["enabled"] else None,
         progress=ctx.progress,
+        muse=build_muse(ctx) if with_muse else None,
     )
 
 
@@ -338,7 +411,7 @@ def build_suite(ctx: RunContext) -> Suite:
 def evaluate(ctx: RunContext) -> dict:
     started = time.perf_counter()
     cfg = ctx.settings["evaluate"]
-    suite = build_suite(ctx)
+    suite = build_suite(ctx, with_muse=True)
     sets = suite.sets
     mask_dir = ctx.stage_dir("mask")
     mask = load_mask(mask_dir)
@@ -363,6 +436,8 @@ def evaluate(ctx: RunContext) -> dict:
         "timing_s": {},
         "random_control_ids": list(control.disabled_ids),
     }
+    if suite.muse is not None:
+        details["muse"] = suite.muse.describe()
 
     def run_suite(name: str, checkpoint: Checkpoint) -> None:
         quantize = name in cfg["quantization"]["models"]
@@ -373,6 +448,9 @@ def evaluate(ctx: RunContext) -> dict:
         if result["quantization"] is not None:
             details["quantization"][name] = result["quantization"]
         details["timing_s"][name] = result["seconds"]
+        if result["muse"] is not None:
+            details["muse"]["per_item"][name] = result["muse"]["per_item"]
+            details["muse"]["timing_s"][name] = result["muse"]["seconds"]
 
     with torch_threads(cfg.get("threads")):
         for role in ("oracle", "target"):

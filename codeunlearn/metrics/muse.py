@@ -83,13 +83,25 @@ def verbmem_rouge(
     max_new_tokens: int = VERBMEM_MAX_NEW_TOKENS,
     add_bos: bool = True,
     progress: bool = False,
+    max_prompt_tokens: int | None = None,
 ) -> float:
     """VerbMem: mean ROUGE-L F1 of greedy continuations against the ground truth cut to
-    ``max_new_tokens`` tokens (lower = less verbatim memorisation)."""
+    ``max_new_tokens`` tokens (lower = less verbatim memorisation).
+
+    ``max_prompt_tokens`` (deviation, None = whole prompts as muse_bench) keeps each prompt's last
+    tokens, for models whose context is shorter than MUSE's prompts or to bound the cost.
+    """
     if len(prompts) != len(ground_truths):
         raise ValueError(f"length mismatch: {len(prompts)} prompts, {len(ground_truths)} ground truths")
     outputs = generate_continuations(
-        model, tokenizer, prompts, max_new_tokens, batch_size, add_bos=add_bos, progress=progress
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        batch_size,
+        add_bos=add_bos,
+        progress=progress,
+        max_prompt_tokens=max_prompt_tokens,
     )
     references = [truncate_to_tokens(tokenizer, gt, max_new_tokens, add_bos) for gt in ground_truths]
     return float(np.mean(rouge_l_f1(outputs, references)))
@@ -116,9 +128,10 @@ def knowmem_rouge(
     stop_strings: Sequence[str] = KNOWMEM_STOP_STRINGS,
     add_bos: bool = True,
     progress: bool = False,
+    max_prompt_tokens: int | None = None,
 ) -> float:
     """KnowMem: mean ROUGE-L F1 of few-shot greedy answers (on the forget QAs lower is better; on the
-    retain QAs it is MUSE's utility)."""
+    retain QAs it is MUSE's utility). ``max_prompt_tokens`` as in ``verbmem_rouge``."""
     if len(questions) != len(answers):
         raise ValueError(f"length mismatch: {len(questions)} questions, {len(answers)} answers")
     prompts = [knowmem_prompt(question, icl_questions, icl_answers) for question in questions]
@@ -131,6 +144,7 @@ def knowmem_rouge(
         add_bos=add_bos,
         stop_strings=stop_strings,
         progress=progress,
+        max_prompt_tokens=max_prompt_tokens,
     )
     return float(np.mean(rouge_l_f1(outputs, list(answers))))
 

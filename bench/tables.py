@@ -1,0 +1,71 @@
+"""Markdown tables of bench/results, for the README: `python -m bench.tables [--profile default]`.
+
+The README's benchmark tables are this command's output pasted verbatim, so they match the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from codeunlearn.io import read_json
+from codeunlearn.leaderboard import to_markdown
+
+RESULTS = Path(__file__).resolve().parent / "results"
+LATENCY_KEYS = ("codeunlearn_request_s", "ga_s", "npo_s", "grin_s", "zerounlearn_s", "npo_over_codeunlearn")
+OVERHEAD_KEYS = ("base_tokens_per_s", "codebook_tokens_per_s", "ratio", "generation_ratio", "codebook_flops_share")
+PIPELINE_KEYS = ("flow_s", "library_only_s", "overhead_ratio", "smoke_e2e_s", "default_e2e_s")
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def key_value_table(payload: dict[str, Any], keys: tuple[str, ...]) -> str:
+    rows = ["| metric | value |", "|---|---|"] + [f"| {key} | {fmt(payload.get(key))} |" for key in keys]
+    return "\n".join(rows)
+
+
+def provenance(payload: dict[str, Any]) -> str:
+    m = payload["machine"]
+    load = m.get("load_average_1m")
+    load_text = f", load average {load:.1f}" if load is not None else ""
+    return (
+        f"_{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}{load_text}; "
+        f"commit {payload['git_commit'][:10]}_"
+    )
+
+
+def section(title: str, path: Path, render) -> list[str]:
+    if not path.exists():
+        return [f"#### {title}", "", f"{path.relative_to(RESULTS.parent.parent)}: not measured yet", ""]
+    payload = read_json(path)
+    return [f"#### {title}", "", render(payload), "", provenance(payload), ""]
+
+
+def tables(profile: str) -> str:
+    out = RESULTS / profile
+    parts = [
+        *section("Request latency (s)", out / "latency.json", lambda p: key_value_table(p, LATENCY_KEYS)),
+        *section("Codebook overhead", out / "overhead.json", lambda p: key_value_table(p, OVERHEAD_KEYS)),
+        *section("Leaderboard", out / "leaderboard.json", lambda p: to_markdown(p["rows"])),
+        *section(
+            "Pipeline (smoke flow vs library; end to end per profile)",
+            RESULTS / "pipeline.json",
+            lambda p: key_value_table(p, PIPELINE_KEYS),
+        ),
+    ]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tables", description=__doc__)
+    parser.add_argument("--profile", default="default")
+    print(tables(parser.parse_args(argv).profile))
+
+
+if __name__ == "__main__":
+    main()

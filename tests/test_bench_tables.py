@@ -1,0 +1,29 @@
+"""The README's benchmark tables are rendered from the JSON, value for value."""
+
+from __future__ import annotations
+
+from bench import tables
+from codeunlearn.io import write_json
+
+MACHINE = {"cpu": "Test CPU", "cores": 2, "threads": 2, "torch": "2.13.0+cpu", "load_average_1m": 0.5}
+
+
+def test_tables_show_every_benchmark_value_and_its_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    out = tables.RESULTS / "default"
+    write_json(
+        out / "latency.json",
+        {
+            "codeunlearn_request_s": 12.5,
+            "npo_s": 50.0,
+            "npo_over_codeunlearn": 4.0,
+            "machine": MACHINE,
+            "git_commit": "abc1234567890",
+        },
+    )
+    text = tables.tables("default")
+    assert "| codeunlearn_request_s | 12.500 |" in text
+    assert "| npo_over_codeunlearn | 4.000 |" in text
+    assert "| ga_s | n/a |" in text
+    assert "Test CPU, 2 cores" in text and "commit abc1234567" in text
+    assert "overhead.json: not measured yet" in text
