@@ -65,6 +65,26 @@ MUSE_COLUMNS = {
     "muse_privleak_auc": "Min-40% AUC",
     "muse_privleak": "PrivLeak →0",
 }
+SUSTAINABILITY_COLUMNS = {
+    "disabled": "codes disabled",
+    "forget_rouge_current_before": "new request before",
+    "forget_rouge_current": "new request after ↓",
+    "forget_rouge_first": "first request ↓",
+    "forget_rouge_requested": "all requested ↓",
+    "forget_rouge_pending": "not yet requested",
+    "retain_rouge": "retain ↑",
+    "random_forget_rouge_requested": "random: all requested",
+    "random_retain_rouge": "random: retain",
+}
+SCALABILITY_COLUMNS = {
+    "forget_size": "forget QAs",
+    "disabled": "codes disabled",
+    "forget_rouge_before": "forget before",
+    "forget_rouge": "forget after ↓",
+    "retain_rouge": "retain ↑",
+    "random_forget_rouge": "random: forget",
+    "random_retain_rouge": "random: retain",
+}
 CODE_COLUMNS = {
     "masked_usage_forget": "forget code slots disabled",
     "masked_usage_retain": "retain code slots disabled",
@@ -220,6 +240,50 @@ def muse_lines(metrics: Mapping[str, Mapping[str, Any]], details: Mapping[str, A
     return lines
 
 
+def _counts_as_int(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: int(v) if k in ("disabled", "forget_size", "authors") else v for k, v in row.items()}
+
+
+def sequential_lines(sequential: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Sustainability and scalability tables (``sequential/*.json``); empty when neither ran."""
+    lines: list[str] = []
+    sus = sequential.get("sustainability") or {}
+    scal = sequential.get("scalability") or {}
+    if not sus and not scal:
+        return lines
+    lines += ["", "### Sustainability: sequential requests", ""]
+    if sus.get("rows"):
+        rows = {str(int(row["request"])): _counts_as_int(row) for row in sus["rows"]}
+        base = sus["baseline"]
+        notes = (sus.get("plan") or {}).get("notes") or []
+        lines += [
+            markdown_table(rows, SUSTAINABILITY_COLUMNS, label="request"),
+            "",
+            "Authors are requested one at a time (the forget split's, then the retain split's); each request "
+            "selects its codes on the model the earlier requests left and adds them to the mask. Cells are "
+            "forget ROUGE-L recall on each request's QAs and retain ROUGE on the authors no request touches "
+            f"(before any request: first request {base['forget_rouge_first']:.3f}, retain "
+            f"{base['retain_rouge']:.3f}). `random` is a random mask of the same total size.",
+            *(f"- {note}" for note in notes),
+        ]
+    else:
+        lines.append(f"Not run: {sus.get('skipped', 'no result')}.")
+    lines += ["", "### Scalability: growing forget sets", ""]
+    if scal.get("rows"):
+        rows = {str(int(row["authors"])): _counts_as_int(row) for row in scal["rows"]}
+        notes = (scal.get("plan") or {}).get("notes") or []
+        lines += [
+            markdown_table(rows, SCALABILITY_COLUMNS, label="authors"),
+            "",
+            "One request per forget-set size, each from the unmasked codebook model, with the same retain "
+            f"authors at every size (retain ROUGE without a mask: {scal['baseline']['retain_rouge']:.3f}).",
+            *(f"- {note}" for note in notes),
+        ]
+    else:
+        lines.append(f"Not run: {scal.get('skipped', 'no result')}.")
+    return lines
+
+
 def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     """Markdown report of one run. Holds counts, hashes and metrics only: never the forget set's text."""
     metrics = {name: inputs["metrics"][name] for name in ROW_ORDER if name in inputs["metrics"]}
@@ -352,6 +416,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "(one chi-squared ranking); `iterative` re-counts with the mask applied, so codes that fill "
             "in for disabled ones are found too; `random` is the matched control.",
         ]
+    lines += sequential_lines(inputs.get("sequential") or {})
     timing = details.get("timing_s")
     if timing:
         lines += [

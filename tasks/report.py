@@ -11,6 +11,8 @@ from tasks import tracking
 from tasks.context import RunContext
 from tasks.evaluate import PLOTS
 from tasks.resume import resumable
+from tasks.sequential import FILES as SEQUENTIAL_FILES
+from tasks.sequential import PLOT as SEQUENTIAL_PLOT
 
 
 @task(name="report", cache_policy=NONE)
@@ -29,10 +31,17 @@ def report(ctx: RunContext) -> str:
         "metrics": read_json(eval_dir / "metrics.json"),
         "details": read_json(details) if details.exists() else {},
         "frontier": read_json(frontier) if frontier.exists() else [],
+        "sequential": {
+            name: read_json(path)
+            for name, file in SEQUENTIAL_FILES.items()
+            if (path := ctx.stage_dir("sequential") / file).exists()
+        },
     }
     plots = {title: f"../eval/{name}" for name, title in PLOTS.items() if (eval_dir / name).exists()}
     if (frontier_plot := ctx.stage_dir("sweep") / "frontier.png").exists():
         plots["Forget/utility frontier over S'"] = "../sweep/frontier.png"
+    if (sequential_plot := ctx.stage_dir("sequential") / SEQUENTIAL_PLOT).exists():
+        plots["Sustainability and scalability"] = f"../sequential/{SEQUENTIAL_PLOT}"
     path = ctx.stage_dir("report") / "report.md"
     atomic_write_text(path, render_report(inputs, plots=plots))
     with tracking.stage_run(ctx, "report"):
@@ -42,4 +51,6 @@ def report(ctx: RunContext) -> str:
                 tracking.log_artifacts(eval_dir / name, "report")
         if frontier_plot.exists():
             tracking.log_artifacts(frontier_plot, "report")
+        if sequential_plot.exists():
+            tracking.log_artifacts(sequential_plot, "report")
     return str(path)

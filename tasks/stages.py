@@ -6,6 +6,7 @@ from tasks.evaluate import evaluate
 from tasks.models import base_model, finetune_oracle, finetune_target, train_codebook_stage
 from tasks.prepare_data import prepare_data
 from tasks.report import report
+from tasks.sequential import sequential
 from tasks.sweep import sweep
 from tasks.unlearn import select_codes
 from tasks.validate import validate_forget_set
@@ -20,5 +21,6 @@ PIPELINE = {
     "select_codes": select_codes,
     "evaluate": evaluate,
     "sweep": sweep,
+    "sequential": sequential,
     "report": report,
 }
