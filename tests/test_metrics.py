@@ -7,55 +7,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codeunlearn.generation import answer_token_nll, encode_raw, text_token_logprobs
 from codeunlearn.metrics import METRICS, get_metric, mia, muse, tofu
-
-CORPUS = [
-    "Who wrote the novel about the river?",
-    "The author Basil Mahfouz wrote it in Cairo.",
-    "Question: where was she born?\nAnswer: in a small town near the sea.",
-    "Paris is the capital of France.",
-    "The cat sat on the mat and looked at the moon.",
-]
-TOKENIZER_VOCAB = 320  # byte-level alphabet (256) + specials + a few merges
-INIT_RANGE = 0.3  # spread logits so the random model's answers depend on the prompt
-
-
-def tiny_tokenizer(texts: list[str] = CORPUS) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=TOKENIZER_VOCAB,
-        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-
-
-def tiny_llama(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=INIT_RANGE,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
 
 
 @dataclass(frozen=True)
@@ -154,10 +110,7 @@ def test_evaluate_tofu_split_forget_matches_its_parts(model, tokenizer):
     result = tofu.evaluate_tofu_split(model, tokenizer, RECORDS, "forget", **SPLIT_ARGS)
     assert result["n"] == 2
     para = answer_token_nll(model, tokenizer, [(r.question, r.paraphrased_answer) for r in RECORDS], 1, 200)
-    pert = [
-        answer_token_nll(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200)
-        for r in RECORDS
-    ]
+    pert = [answer_token_nll(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200) for r in RECORDS]
     gold = answer_token_nll(model, tokenizer, [(r.question, r.answer) for r in RECORDS], 1, 200)
     assert result["truth_ratios"] == pytest.approx(tofu.truth_ratio(para, pert), rel=1e-5)
     assert result["truth_ratio"] == pytest.approx(tofu.forget_truth_ratio_stat(result["truth_ratios"]))
@@ -170,10 +123,7 @@ def test_evaluate_tofu_split_real_authors_uses_answer_and_normalised_prob(model,
     no_paraphrase = [Record(r.id, r.question, r.answer, None, r.perturbed_answers) for r in RECORDS]
     result = tofu.evaluate_tofu_split(model, tokenizer, no_paraphrase, "real_authors", **SPLIT_ARGS)
     gold = answer_token_nll(model, tokenizer, [(r.question, r.answer) for r in RECORDS], 1, 200)
-    pert = [
-        answer_token_nll(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200)
-        for r in RECORDS
-    ]
+    pert = [answer_token_nll(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200) for r in RECORDS]
     assert result["truth_ratios"] == pytest.approx(tofu.truth_ratio(gold, pert), rel=1e-5)
     assert result["prob"] == pytest.approx(sum(tofu.normalized_probability(gold, pert)) / 2, rel=1e-5)
     assert result["truth_ratio"] == pytest.approx(tofu.retain_truth_ratio_stat(result["truth_ratios"]))
