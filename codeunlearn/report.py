@@ -236,7 +236,7 @@ def muse_lines(metrics: Mapping[str, Mapping[str, Any]], details: Mapping[str, A
         ]
     timing = muse.get("timing_s") or {}
     if timing:
-        lines += ["", "MUSE time per model: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + "."]
+        lines += ["", "MUSE time per model: " + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()) + "."]
     return lines
 
 

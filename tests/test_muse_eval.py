@@ -244,6 +244,6 @@ def test_report_has_a_muse_table_that_says_what_the_numbers_mean(tmp_path):
     assert "| oracle | 0.125 | 0.250 | 0.500 | 0.500 | 0.000 |" in text
     assert "| codeunlearn | 0.125 | 0.250 | 0.500 | 0.500 | -12.500 |" in text
     assert "None of these models was trained on MUSE-News" in text
-    assert "4 VerbMem prompts" in text and "MUSE time per model: oracle 1 s" in text
+    assert "4 VerbMem prompts" in text and "MUSE time per model: oracle 1.2 s" in text
     without = render_report(report_inputs({"oracle": row}, {}), plots={})
     assert "### MUSE-News" not in text.replace("### MUSE-News", "", 1) and "### MUSE-News" not in without

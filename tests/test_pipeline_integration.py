@@ -32,9 +32,20 @@ def test_every_stage_ran_and_wrote_its_outputs(smoke_run):
     tmp, results = smoke_run
     out = tmp / "outputs" / "smoke"
     for path in (
-        "splits/forget.jsonl", "splits/summary.json", "validation/report.html", "models/target/config.json",
-        "models/oracle/config.json", "models/codebook/codebook.safetensors", "mask/mask.safetensors",
-        "mask/mask.json", "eval/metrics.json", "eval/rouge.png", "report/report.md",
+        "splits/forget.jsonl",
+        "splits/summary.json",
+        "validation/report.html",
+        "models/target/config.json",
+        "models/oracle/config.json",
+        "models/codebook/codebook.safetensors",
+        "mask/mask.safetensors",
+        "mask/mask.json",
+        "eval/metrics.json",
+        "eval/rouge.png",
+        "report/report.md",
+        "sequential/sustainability.json",
+        "sequential/scalability.json",
+        "sequential/sequential.png",
     ):
         assert (out / path).exists(), path
     mask = json.loads((out / "mask" / "mask.json").read_text())
@@ -56,6 +67,29 @@ def test_target_learned_and_the_mask_is_selective(smoke_run):
     assert forget_drop > random_forget_drop + 0.2
 
 
+def test_muse_rows_and_the_sequential_curves_are_measured_and_reported(smoke_run):
+    tmp, results = smoke_run
+    out = tmp / "outputs" / "smoke"
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    for model in ("target", "oracle", "codebook", "codeunlearn"):
+        for key in ("muse_verbmem_rouge", "muse_knowmem_forget_rouge", "muse_knowmem_retain_rouge", "muse_privleak"):
+            assert key in metrics[model], (model, key)
+    assert metrics["oracle"]["muse_privleak"] == 0.0  # the oracle is its own PrivLeak reference
+    sustained = json.loads((out / "sequential" / "sustainability.json").read_text())
+    assert [row["request"] for row in sustained["rows"]] == [1, 2, 3]
+    disabled = [row["disabled"] for row in sustained["rows"]]
+    assert disabled == sorted(disabled) and disabled[0] > 0, "requests accumulate codes"
+    # The first request stays forgotten while later requests are added.
+    assert sustained["rows"][-1]["forget_rouge_first"] < sustained["baseline"]["forget_rouge_first"] - 0.3
+    scaled = json.loads((out / "sequential" / "scalability.json").read_text())
+    assert [row["authors"] for row in scaled["rows"]] == [1, 2, 4]
+    assert all(row["forget_rouge"] < row["forget_rouge_before"] for row in scaled["rows"])
+    assert results["sequential"]["sustainability"] and results["sequential"]["scalability"]
+    report = (out / "report" / "report.md").read_text()
+    for heading in ("### MUSE-News", "### Sustainability: sequential requests", "### Scalability: growing forget sets"):
+        assert heading in report
+
+
 def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke_run):
     import mlflow
     from mlflow import MlflowClient
@@ -68,8 +102,17 @@ def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke
     experiment = parent.info.experiment_id
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     stages = {run.data.tags["codeunlearn.stage"] for run in children}
-    assert {"prepare_data", "validate_forget_set", "finetune_target", "finetune_oracle", "train_codebook",
-            "select_codes", "evaluate", "report"} <= stages
+    assert {
+        "prepare_data",
+        "validate_forget_set",
+        "finetune_target",
+        "finetune_oracle",
+        "train_codebook",
+        "select_codes",
+        "evaluate",
+        "sequential",
+        "report",
+    } <= stages
     select = next(run for run in children if run.data.tags["codeunlearn.stage"] == "select_codes")
     artifacts = {a.path for a in client.list_artifacts(select.info.run_id, "mask")}
     assert {"mask/mask.safetensors", "mask/mask.json"} <= artifacts
