@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -33,9 +34,21 @@ def task_runner(ctx: RunContext):
     return ThreadPoolTaskRunner(max_workers=cfg["workers"])
 
 
+def comparison_overrides(profile: str | None, params_file: str | None) -> dict[str, Any]:
+    """``compare.evaluate`` deep-merged over ``evaluate``, and ``compare.threads`` over ``threads``: the
+    comparison evaluates many models, so a profile may give it a smaller budget than the pipeline's."""
+    cfg = make_context(profile, Path(params_file) if params_file else None).settings["compare"]
+    overrides: dict[str, Any] = {"evaluate": cfg.get("evaluate") or {}}
+    if cfg.get("threads"):
+        overrides["threads"] = cfg["threads"]
+    return overrides
+
+
 @flow(name="codeunlearn-compare-methods")
-def compare_methods(profile: str | None, params_file: str | None, methods: list[str]) -> list[dict]:
-    ctx = make_context(profile, Path(params_file) if params_file else None)
+def compare_methods(
+    profile: str | None, params_file: str | None, methods: list[str], overrides: dict[str, Any] | None = None
+) -> list[dict]:
+    ctx = make_context(profile, Path(params_file) if params_file else None, overrides)
     with tracking.flow_run(ctx, "compare") as run_ctx:
         futures = {method: run_method.submit(run_ctx, method) for method in methods}
         stats = {method: future.result() for method, future in futures.items()}
@@ -45,9 +58,10 @@ def compare_methods(profile: str | None, params_file: str | None, methods: list[
 
 def compare(profile: str | None = None, params_file: str | None = None, methods: list[str] | None = None) -> list:
     """Run the comparison (after the pipeline has trained target, oracle and codebook)."""
-    ctx = make_context(profile, Path(params_file) if params_file else None)
+    overrides = comparison_overrides(profile, params_file)
+    ctx = make_context(profile, Path(params_file) if params_file else None, overrides)
     chosen = methods or ctx.settings["compare"]["methods"]
-    return compare_methods.with_options(task_runner=task_runner(ctx))(profile, params_file, chosen)
+    return compare_methods.with_options(task_runner=task_runner(ctx))(profile, params_file, chosen, overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
