@@ -22,7 +22,7 @@ from codeunlearn.methods import get_method  # noqa: E402
 from codeunlearn.profiling import ResourceMeter  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
-from tasks.evaluate import build_suite, torch_threads  # noqa: E402
+from tasks.evaluate import Suite, build_suite, torch_threads  # noqa: E402
 from tasks.models import load_role  # noqa: E402
 
 MEMORY_SAMPLE_S = 0.05
@@ -69,20 +69,25 @@ def load_unlearned(ctx: RunContext, method: str):
     return load_checkpoint(out / "model")
 
 
-@task(name="evaluate_methods", cache_policy=NONE)
-def evaluate_methods(ctx: RunContext, methods: list[str], stats: dict[str, dict]) -> dict[str, dict]:
-    """The pipeline's full suite for target, oracle and every unlearned model (attacks included)."""
+@task(name="evaluate_reference", cache_policy=NONE)
+def evaluate_reference(ctx: RunContext) -> tuple[Suite, dict[str, Any]]:
+    """The oracle through the pipeline's full suite; the returned suite carries its scores, the reference
+    of every later model's forget quality and PrivLeak."""
+    ctx.apply_threads()
     suite = build_suite(ctx)
-    rows: dict[str, dict] = {}
     with torch_threads(ctx.settings["evaluate"].get("threads")):
-        for name in ("oracle", "target"):
-            rows[name] = suite.run(name, load_role(ctx, name), quantize=True, relearn=True)["row"]
-        for method in methods:
-            rows[method] = {
-                **suite.run(method, load_unlearned(ctx, method), quantize=True, relearn=True)["row"],
-                **stats[method],
-            }
-    return rows
+        row = suite.run("oracle", load_role(ctx, "oracle"), quantize=True, relearn=True)["row"]
+    return suite, row
+
+
+@task(name="evaluate_model", cache_policy=NONE)
+def evaluate_model(ctx: RunContext, suite: Suite, name: str, stats: dict[str, Any]) -> dict[str, Any]:
+    """One model (the target or a method's unlearned model) through the suite, attacks included."""
+    ctx.apply_threads()
+    checkpoint = load_role(ctx, "target") if name == "target" else load_unlearned(ctx, name)
+    with torch_threads(ctx.settings["evaluate"].get("threads")):
+        row = suite.run(name, checkpoint, quantize=True, relearn=True)["row"]
+    return {**row, **stats}
 
 
 def leaderboard_plot(rows: list[dict[str, Any]], path: Path) -> None:
