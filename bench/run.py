@@ -67,7 +67,9 @@ def timed(run: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
-def latency(ctx: RunContext, repeats: int, baselines: list[str]) -> dict[str, Any]:
+def latency(
+    ctx: RunContext, repeats: int, baselines: list[str], baselines_from_compare: bool = False
+) -> dict[str, Any]:
     """Unlearning step only (no evaluation), same forget set; CodeUnlearn from the codebook model,
     the baselines from the target model."""
     splits = ctx.stage_dir("splits")
@@ -84,12 +86,23 @@ def latency(ctx: RunContext, repeats: int, baselines: list[str]) -> dict[str, An
     median, runs = timed(codeunlearn_request, repeats)
     unmask(codebook.bottleneck)
     result: dict[str, Any] = {"codeunlearn_request_s": median, "codeunlearn_runs_s": runs}
-    target = load_role(ctx, "target")
-    for method in baselines:
-        with ResourceMeter(MEMORY_SAMPLE_S) as meter:
-            get_method(method).unlearn(target.model, target.tokenizer, forget, retain, ctx.method_params(method, {}))
-        result[f"{method}_s"] = meter.wall_s
-        result[f"{method}_peak_mem_mb"] = meter.peak_mem_mb
+    if baselines_from_compare:
+        # The comparison already timed each baseline's unlearning step on the same model and forget set
+        # (two Dask workers side by side, so under each other's load); reuse it instead of retraining.
+        for method in baselines:
+            stats = read_json(ctx.stage_dir("compare") / method / "stats.json")
+            result[f"{method}_s"] = stats["wall_s"]
+            result[f"{method}_peak_mem_mb"] = stats["peak_mem_mb"]
+        result["baselines_timed_in"] = "compare"
+    else:
+        target = load_role(ctx, "target")
+        for method in baselines:
+            with ResourceMeter(MEMORY_SAMPLE_S) as meter:
+                get_method(method).unlearn(
+                    target.model, target.tokenizer, forget, retain, ctx.method_params(method, {})
+                )
+            result[f"{method}_s"] = meter.wall_s
+            result[f"{method}_peak_mem_mb"] = meter.peak_mem_mb
     if "npo_s" in result:
         result["npo_over_codeunlearn"] = result["npo_s"] / median
     return result
@@ -164,6 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=["latency", "overhead", "pipeline", "leaderboard"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--params", type=Path, default=None)
+    parser.add_argument(
+        "--baselines-from-compare",
+        action="store_true",
+        help="take the baselines' unlearning times from the profile's comparison run instead of rerunning them",
+    )
     args = parser.parse_args(argv)
     ctx = make_context(args.profile, args.params)
     bench = ctx.settings["bench"]
@@ -171,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
     if "pipeline" in args.only:
         write_json(RESULTS / "pipeline.json", stamp(ctx, pipeline_overhead(args.params)))
     if "latency" in args.only:
-        write_json(out / "latency.json", stamp(ctx, latency(ctx, args.repeats, bench["baselines"])))
+        write_json(
+            out / "latency.json",
+            stamp(ctx, latency(ctx, args.repeats, bench["baselines"], args.baselines_from_compare)),
+        )
     if "overhead" in args.only:
         write_json(out / "overhead.json", stamp(ctx, overhead(ctx, bench["overhead_prompts"])))
     if "leaderboard" in args.only:
