@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", default=["latency", "overhead", "pipeline", "leaderboard"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--params", type=Path, default=None)
+    parser.add_argument("--baselines", nargs="*", default=None, help="baselines to time (default: bench.baselines)")
     parser.add_argument(
         "--baselines-from-compare",
         action="store_true",
@@ -186,12 +187,13 @@ def main(argv: list[str] | None = None) -> None:
     ctx = make_context(args.profile, args.params)
     bench = ctx.settings["bench"]
     out = RESULTS / ctx.profile
+    baselines = bench["baselines"] if args.baselines is None else args.baselines
     if "pipeline" in args.only:
         write_json(RESULTS / "pipeline.json", stamp(ctx, pipeline_overhead(args.params)))
     if "latency" in args.only:
         write_json(
             out / "latency.json",
-            stamp(ctx, latency(ctx, args.repeats, bench["baselines"], args.baselines_from_compare)),
+            stamp(ctx, latency(ctx, args.repeats, baselines, args.baselines_from_compare)),
         )
     if "overhead" in args.only:
         write_json(out / "overhead.json", stamp(ctx, overhead(ctx, bench["overhead_prompts"])))
