@@ -13,9 +13,10 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from codeunlearn.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
+from codeunlearn.config import settings_hash  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
 from codeunlearn.evaluation import flatten_metrics  # noqa: E402
-from codeunlearn.io import atomic_write_text, write_json  # noqa: E402
+from codeunlearn.io import atomic_write_text, read_json, write_json  # noqa: E402
 from codeunlearn.leaderboard import leaderboard_rows, to_csv, to_markdown  # noqa: E402
 from codeunlearn.masking import apply_mask, load_mask, save_mask  # noqa: E402
 from codeunlearn.methods import get_method  # noqa: E402
@@ -24,6 +25,7 @@ from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.evaluate import Suite, build_suite, torch_threads  # noqa: E402
 from tasks.models import load_role  # noqa: E402
+from tasks.resume import fingerprint  # noqa: E402
 
 MEMORY_SAMPLE_S = 0.05
 
@@ -37,12 +39,15 @@ def run_method(ctx: RunContext, method: str) -> dict[str, Any]:
     """Unlearn the pipeline's forget split with one method; CodeUnlearn starts from the codebook model,
     every other method from the target. Wall time and peak memory cover the unlearning step only."""
     ctx.apply_threads()
+    out = method_dir(ctx, method)
+    identity = method_fingerprint(ctx, method)
+    if (previous := completed_method(ctx, method, identity)) is not None:
+        return previous
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")
     retain = read_jsonl_records(splits / "retain.jsonl")
     checkpoint = load_role(ctx, "codebook" if method == "codeunlearn" else "target")
     params = ctx.method_params(method, {"params_hash": ctx.params_hash, "request": "compare"})
-    out = method_dir(ctx, method)
     with tracking.stage_run(ctx, f"unlearn_{method}"):
         with ResourceMeter(MEMORY_SAMPLE_S) as meter:
             result = get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
@@ -56,7 +61,28 @@ def run_method(ctx: RunContext, method: str) -> dict[str, Any]:
             "peak_mem_mb": meter.peak_mem_mb,
         }
         tracking.log_metrics({k: v for k, v in stats.items() if isinstance(v, int | float)})
-    write_json(out / "stats.json", stats)
+    write_json(out / "stats.json", {**stats, "fingerprint": identity})
+    return stats
+
+
+def method_fingerprint(ctx: RunContext, method: str) -> str:
+    """The method's params and the identity of the model it starts from (that stage's fingerprint)."""
+    start = "train_codebook" if method == "codeunlearn" else "finetune_target"
+    block = ctx.method_params(method, {})
+    return settings_hash({"method": method, "params": block, "start": fingerprint(ctx, start)})
+
+
+def completed_method(ctx: RunContext, method: str, identity: str) -> dict[str, Any] | None:
+    """A previous comparison's result for the same method, params and starting model (a killed comparison
+    restarts without retraining the methods it finished), unless ``resume`` is off."""
+    out = method_dir(ctx, method)
+    stats_file = out / "stats.json"
+    artifact = out / ("mask" if method == "codeunlearn" else "model")
+    if not ctx.settings.get("resume", True) or not stats_file.exists() or not artifact.exists():
+        return None
+    stats = read_json(stats_file)
+    if stats.pop("fingerprint", None) != identity:
+        return None
     return stats
 
 

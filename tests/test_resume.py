@@ -43,3 +43,21 @@ def test_a_setting_redoes_its_first_reader_and_everything_after(tmp_path, overri
 )
 def test_settings_no_pipeline_stage_reads_redo_nothing(tmp_path, overrides):
     assert changed_stages(tmp_path, overrides) == []
+
+
+def test_a_comparison_reuses_a_method_finished_with_the_same_params_and_start(tmp_path):
+    from codeunlearn.io import write_json
+    from tasks.compare import completed_method, method_dir, method_fingerprint
+
+    ctx = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}})
+    identity = method_fingerprint(ctx, "ga")
+    out = method_dir(ctx, "ga")
+    (out / "model").mkdir(parents=True)
+    write_json(out / "stats.json", {"wall_s": 1.5, "fingerprint": identity})
+    assert completed_method(ctx, "ga", identity) == {"wall_s": 1.5}
+    changed = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}, "methods": {"ga": {"lr": 0.5}}})
+    assert method_fingerprint(changed, "ga") != identity
+    assert completed_method(changed, "ga", method_fingerprint(changed, "ga")) is None
+    assert method_fingerprint(ctx, "npo") != identity
+    no_resume = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}, "resume": False})
+    assert completed_method(no_resume, "ga", identity) is None
