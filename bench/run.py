@@ -54,8 +54,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+# The commit the measured code came from, read once at start: a commit made while a long benchmark runs
+# must not be stamped on its results.
+MEASURED_COMMIT = git_commit()
+
+
 def stamp(ctx: RunContext, payload: dict[str, Any]) -> dict[str, Any]:
-    return {**payload, "profile": ctx.profile, "machine": machine(), "git_commit": git_commit()}
+    return {**payload, "profile": ctx.profile, "machine": machine(), "git_commit": MEASURED_COMMIT}
 
 
 def timed(run: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
