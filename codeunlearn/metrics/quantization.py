@@ -77,9 +77,7 @@ class QuantizationRecord:
         return record
 
 
-def fake_quantize_weight(
-    weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
-) -> torch.Tensor:
+def fake_quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = True) -> torch.Tensor:
     """Round-to-nearest quantize then dequantize a 2-D (out, in) weight, one scale per ``group_size``
     consecutive input columns of each row; returns a new tensor of the weight's dtype.
 
@@ -224,9 +222,7 @@ def quantize_torchao(
     )
 
 
-def quantize_model_(
-    model: nn.Module, spec: QuantizationSpec, skip: Sequence[str] = DEFAULT_SKIP
-) -> QuantizationRecord:
+def quantize_model_(model: nn.Module, spec: QuantizationSpec, skip: Sequence[str] = DEFAULT_SKIP) -> QuantizationRecord:
     """Quantize ``model`` in place as ``spec`` says (RTN is symmetric, as torchao's is)."""
     if spec.quantizer == "rtn":
         return quantize_rtn_(model, spec.bits, spec.group_size, symmetric=True, skip=skip)

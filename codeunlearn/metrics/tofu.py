@@ -93,9 +93,7 @@ def forget_quality(unlearned_ratios: Sequence[float], oracle_ratios: Sequence[fl
     return float(stats.ks_2samp(unlearned, oracle).pvalue)
 
 
-def normalized_probability(
-    true_nlls: Sequence[float], perturbed_nlls: Sequence[Sequence[float]]
-) -> list[float]:
+def normalized_probability(true_nlls: Sequence[float], perturbed_nlls: Sequence[Sequence[float]]) -> list[float]:
     """Per item P~(true) / (P~(true) + sum_j P~(pert_j)), for real authors and world facts.
 
     Computed as 1 / (1 + sum_j exp(L_true - L_pert_j)), the same number without underflow.
