@@ -32,7 +32,7 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.attacks import RelearnSpec, relearn_attack
+from codeunlearn.attacks import relearn_attack
 from codeunlearn.audit import (
     Thresholds,
     artifact_entry,
@@ -55,7 +55,7 @@ from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, r
 from codeunlearn.training import resolve_device
 from tasks import tracking
 from tasks.context import RunContext, git_commit
-from tasks.evaluate import torch_threads
+from tasks.evaluate import relearn_spec, torch_threads
 from tasks.models import load_role, model_dir
 from tasks.request import ACTIVE_MASK, mask_sha256, requests_dir
 
@@ -130,21 +130,6 @@ def audit_settings(ctx: RunContext) -> dict[str, Any]:
         "quant_group_size": int(quant.get("group_size", 64)),
         "relearn": bool(block.get("relearn", True)),
     }
-
-
-def relearn_spec(ctx: RunContext) -> RelearnSpec:
-    cfg = ctx.settings["evaluate"]
-    relearn = cfg["relearn"]
-    return RelearnSpec(
-        steps=relearn["steps"],
-        batch_size=relearn["batch_size"],
-        lr=relearn["lr"],
-        weight_decay=relearn["weight_decay"],
-        warmup_steps=relearn["warmup_steps"],
-        max_length=cfg["max_length"],
-        grad_clip=relearn["grad_clip"],
-        seed=ctx.settings["seed"],
-    )
 
 
 def generation_spec(ctx: RunContext) -> GenerationSpec:

@@ -382,25 +382,31 @@ class Suite:
         }
 
 
+def relearn_spec(ctx: RunContext) -> RelearnSpec:
+    """The relearning attack of ``evaluate.relearn``, on ``evaluate.max_length`` tokens (pipeline and audits)."""
+    cfg = ctx.settings["evaluate"]
+    relearn = cfg["relearn"]
+    return RelearnSpec(
+        steps=relearn["steps"],
+        batch_size=relearn["batch_size"],
+        lr=relearn["lr"],
+        weight_decay=relearn["weight_decay"],
+        warmup_steps=relearn["warmup_steps"],
+        max_length=cfg["max_length"],
+        grad_clip=relearn["grad_clip"],
+        seed=ctx.settings["seed"],
+    )
+
+
 def build_suite(ctx: RunContext, with_muse: bool = False) -> Suite:
     """The evaluation suite of ``evaluate``'s params; MUSE-News only where asked (the pipeline's evaluate)."""
     cfg = ctx.settings["evaluate"]
-    quant_cfg, relearn_cfg = cfg["quantization"], cfg["relearn"]
-    relearn = RelearnSpec(
-        steps=relearn_cfg["steps"],
-        batch_size=relearn_cfg["batch_size"],
-        lr=relearn_cfg["lr"],
-        weight_decay=relearn_cfg["weight_decay"],
-        warmup_steps=relearn_cfg["warmup_steps"],
-        max_length=cfg["max_length"],
-        grad_clip=relearn_cfg["grad_clip"],
-        seed=ctx.settings["seed"],
-    )
+    quant_cfg = cfg["quantization"]
     return Suite(
         sets=load_sets(ctx),
         spec=eval_spec(cfg),
         quantization=quantization_specs(quant_cfg) if quant_cfg["enabled"] else [],
-        relearn=relearn if relearn_cfg["enabled"] else None,
+        relearn=relearn_spec(ctx) if cfg["relearn"]["enabled"] else None,
         progress=ctx.progress,
         muse=build_muse(ctx) if with_muse else None,
     )
