@@ -100,3 +100,22 @@ def write_params(tmp: Path, overrides: dict | None = None) -> Path:
 def isolated_tracking(monkeypatch):
     """Stages must take the store from params, not from a developer's MLFLOW_TRACKING_URI."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def report_inputs(metrics: dict, details: dict, sequential: dict | None = None) -> dict:
+    """What ``render_report`` reads, around the given metrics: fixed, text-free splits, codebook and mask."""
+    return {
+        "profile": "test",
+        "params_hash": "0" * 64,
+        "splits": {
+            **{f"{n}_count": 4 for n in ("forget", "retain", "holdout")},
+            **{f"{n}_authors": 1 for n in ("forget", "retain", "holdout")},
+            **{f"{n}_sha256": "a" * 64 for n in ("forget", "retain", "holdout")},
+        },
+        "codebook": {"live_codes": 10, "num_codes": 16, "final_ce": 0.1, "final_reconstruction": 0.2},
+        "mask": {"codebook_sha256": "b" * 64, "count": 3},
+        "select": {"enriched_codes": 5, "request_latency_s": 0.1},
+        "metrics": metrics,
+        "details": details,
+        "sequential": sequential or {},
+    }

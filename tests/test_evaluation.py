@@ -31,6 +31,7 @@ from codeunlearn.generation import answer_token_nll
 from codeunlearn.metrics.quantization import QuantizationSpec
 from codeunlearn.metrics.tofu import evaluate_tofu_split
 from codeunlearn.report import render_report
+from tests.conftest import report_inputs
 
 SPEC = EvalSpec(max_new_tokens=6, batch_size=16, score_batch_size=16, max_length=64)
 TOFU_KEYS = {
@@ -260,23 +261,6 @@ def test_flatten_metrics_keeps_numbers_only():
     assert flat == {"a": 1.0, "q.rtn_w4_g64.bits": 4.0, "q.rtn_w4_g64.recovery": 0.1}
 
 
-def _report_inputs(metrics, details):
-    return {
-        "profile": "test",
-        "params_hash": "0" * 64,
-        "splits": {
-            **{f"{n}_count": 4 for n in ("forget", "retain", "holdout")},
-            **{f"{n}_authors": 1 for n in ("forget", "retain", "holdout")},
-            **{f"{n}_sha256": "a" * 64 for n in ("forget", "retain", "holdout")},
-        },
-        "codebook": {"live_codes": 10, "num_codes": 16, "final_ce": 0.1, "final_reconstruction": 0.2},
-        "mask": {"codebook_sha256": "b" * 64, "count": 3},
-        "select": {"enriched_codes": 5, "request_latency_s": 0.1},
-        "metrics": metrics,
-        "details": details,
-    }
-
-
 def test_report_renders_every_table_and_no_forget_text(tiny_model, other_model, tiny_tokenizer, sets):
     oracle_metrics, oracle = evaluate_model(tiny_model, tiny_tokenizer, sets, SPEC)
     other_metrics, _ = evaluate_model(other_model, tiny_tokenizer, sets, SPEC, oracle)
@@ -299,7 +283,7 @@ def test_report_renders_every_table_and_no_forget_text(tiny_model, other_model, 
         metrics[name] = row
     metrics["codeunlearn"].update({"masked_usage_forget": 0.2, "masked_usage_retain": 0.02})
     metrics["random_codes"] = {**other_metrics, "masked_usage_forget": 0.03, "masked_usage_retain": 0.03}
-    text = render_report(_report_inputs(metrics, details), plots={"Quantization": "../eval/quantization.png"})
+    text = render_report(report_inputs(metrics, details), plots={"Quantization": "../eval/quantization.png"})
     for heading in (
         "### Forgetting (TOFU)",
         "### Utility (TOFU)",
@@ -320,6 +304,6 @@ def test_report_renders_every_table_and_no_forget_text(tiny_model, other_model, 
 
 
 def test_report_of_an_old_metrics_file_says_not_available():
-    text = render_report(_report_inputs({"target": {"forget_rouge": 0.9, "retain_rouge": 0.8}}, {}), plots={})
+    text = render_report(report_inputs({"target": {"forget_rouge": 0.9, "retain_rouge": 0.8}}, {}), plots={})
     assert "| target | 0.900 | n/a |" in text
     assert "### Quantization attack" not in text

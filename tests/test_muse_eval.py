@@ -21,7 +21,7 @@ from codeunlearn.muse_eval import (
     prompt_budget,
     score_muse,
 )
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, report_inputs
 
 SPEC = MuseSpec(batch_size=2, score_batch_size=4, max_new_tokens=6, knowmem_max_new_tokens=4, privleak_max_length=64)
 
@@ -200,24 +200,6 @@ def test_the_suite_scores_the_oracle_first_and_rates_others_against_it(tmp_path,
     assert set(target["per_item"]) == {"forget_min_k", "holdout_min_k"}
     described = run.describe()
     assert described["sets"]["privleak_forget"] == 4 and "Zorblat" not in json.dumps(described)
-
-
-def report_inputs(metrics: dict, details: dict, sequential: dict | None = None) -> dict:
-    return {
-        "profile": "test",
-        "params_hash": "0" * 64,
-        "splits": {
-            **{f"{n}_count": 4 for n in ("forget", "retain", "holdout")},
-            **{f"{n}_authors": 1 for n in ("forget", "retain", "holdout")},
-            **{f"{n}_sha256": "a" * 64 for n in ("forget", "retain", "holdout")},
-        },
-        "codebook": {"live_codes": 10, "num_codes": 16, "final_ce": 0.1, "final_reconstruction": 0.2},
-        "mask": {"codebook_sha256": "b" * 64, "count": 3},
-        "select": {"enriched_codes": 5, "request_latency_s": 0.1},
-        "metrics": metrics,
-        "details": details,
-        "sequential": sequential or {},
-    }
 
 
 def test_report_has_a_muse_table_that_says_what_the_numbers_mean(tmp_path):

@@ -200,7 +200,7 @@ def test_the_plot_and_the_task_runner_handle_skipped_experiments(tmp_path):
 
 def test_report_shows_both_curves_and_says_why_one_did_not_run():
     from codeunlearn.report import render_report
-    from tests.test_muse_eval import report_inputs
+    from tests.conftest import report_inputs
 
     sustained = {
         "baseline": {"forget_rouge_first": 0.9, "retain_rouge": 0.8},
