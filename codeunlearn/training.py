@@ -134,12 +134,7 @@ def train_answers(
             model, tokenizer, records, spec, accelerator, parameters, extra_loss, on_step, progress, description
         )
     device = next(model.parameters()).device
-    generator = seed_everything(spec.seed)
-    encoded = encode_records(tokenizer, records, spec.max_length)
-    params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    scheduler = linear_warmup(optimizer, spec.warmup_steps)
-    stream = batches_forever(encoded, spec.batch_size, tokenizer.pad_token_id, generator)
+    params, optimizer, scheduler, stream = _optimizer_and_batches(model, tokenizer, records, spec, parameters)
     history: list[dict[str, float]] = []
     model.train()
     bar = tqdm(range(spec.steps), desc=description, disable=not progress, leave=False)
@@ -154,13 +149,37 @@ def train_answers(
         optimizer.step()
         scheduler.step()
         logged = {"loss": loss.item(), "ce": ce.item(), **{name: term.item() for name, term in terms.items()}}
-        if on_step is not None:
-            on_step(step, logged)
-        if step % spec.log_every == 0 or step == spec.steps - 1:
-            history.append({"step": step, **logged})
-            bar.set_postfix(ce=f"{logged['ce']:.3f}")
+        _record_step(step, logged, spec, history, bar, on_step)
     model.eval()
     return history
+
+
+def _optimizer_and_batches(
+    model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: TrainSpec, parameters: Sequence[nn.Parameter] | None
+):
+    """Seeded setup both loops share: trained parameters, AdamW, the warm-up schedule, the batch stream."""
+    generator = seed_everything(spec.seed)
+    encoded = encode_records(tokenizer, records, spec.max_length)
+    params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    scheduler = linear_warmup(optimizer, spec.warmup_steps)
+    stream = batches_forever(encoded, spec.batch_size, tokenizer.pad_token_id, generator)
+    return params, optimizer, scheduler, stream
+
+
+def _record_step(
+    step: int,
+    logged: dict[str, float],
+    spec: TrainSpec,
+    history: list[dict[str, float]],
+    bar: Any,
+    on_step: StepCallback | None,
+) -> None:
+    if on_step is not None:
+        on_step(step, logged)
+    if step % spec.log_every == 0 or step == spec.steps - 1:
+        history.append({"step": step, **logged})
+        bar.set_postfix(ce=f"{logged['ce']:.3f}")
 
 
 def _train_answers_data_parallel(
@@ -177,15 +196,10 @@ def _train_answers_data_parallel(
 ) -> list[dict[str, float]]:
     """``train_answers`` under an ``accelerate.Accelerator``: same batches, schedule and logging."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    generator = seed_everything(spec.seed)
-    encoded = encode_records(tokenizer, records, spec.max_length)
-    params = list(parameters) if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    params, optimizer, scheduler, stream = _optimizer_and_batches(model, tokenizer, records, spec, parameters)
     # The schedule counts global steps, so it is not passed to prepare() (which would step it once per process).
-    scheduler = linear_warmup(optimizer, spec.warmup_steps)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     device = accelerator.device
-    stream = batches_forever(encoded, spec.batch_size, tokenizer.pad_token_id, generator)
     history: list[dict[str, float]] = []
     model.train()
     bar = tqdm(
@@ -208,10 +222,6 @@ def _train_answers_data_parallel(
         ce = totals[0].item() / tokens
         term_means = {name: totals[i + 1].item() / world for i, name in enumerate(terms)}
         logged = {"loss": ce + sum(term_means.values()), "ce": ce, **term_means}
-        if on_step is not None:
-            on_step(step, logged)
-        if step % spec.log_every == 0 or step == spec.steps - 1:
-            history.append({"step": step, **logged})
-            bar.set_postfix(ce=f"{logged['ce']:.3f}")
+        _record_step(step, logged, spec, history, bar, on_step)
     model.eval()
     return history
