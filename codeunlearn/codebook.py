@@ -5,6 +5,10 @@ it, so all information downstream of the chosen block flows through a small set 
 Disabling a code sets its similarity to -inf before top-k, so the next-nearest code takes its
 place (codebook-features' ``keep_k_codes=True``); the mask is a buffer, never a weight change.
 
+An optional gate (DSG, arXiv 2504.08192, made causal) applies the mask only to sequences on which
+the disabled codes fire: per sequence, the running fraction of tokens whose unmasked top-k holds a
+disabled code; once it exceeds the mask's calibrated threshold, every later token is masked.
+
 The bottleneck attaches to any Hugging Face decoder-only model with a forward hook on one decoder
 block; transformers' internals are never copied or patched.
 """
@@ -16,6 +20,7 @@ import json
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,14 +56,49 @@ class CodebookBottleneck(nn.Module):
         self.last_input: torch.Tensor | None = None
         self.reconstruction_loss = torch.tensor(0.0)
         self.code_l1 = torch.tensor(0.0)
+        self.gate: GateSpec | None = None
+        # The attention mask of the model call in progress (set by attach_codebook's model pre-hook)
+        # and each row's running gate counts, carried across the steps of a cached generation.
+        self.token_mask: torch.Tensor | None = None
+        self._gate_carry: GateCarry | None = None
 
-    def similarities(self, normed: torch.Tensor) -> torch.Tensor:
+    def similarities(self, normed: torch.Tensor, masked: bool = True) -> torch.Tensor:
         sims = F.normalize(normed, dim=-1) @ F.normalize(self.codes, dim=-1).T
-        return sims.masked_fill(self.disabled, float("-inf"))
+        return sims.masked_fill(self.disabled, float("-inf")) if masked else sims
+
+    def select_ids(self, normed: torch.Tensor) -> torch.Tensor:
+        """Each token's k code ids: the mask applied everywhere, or, with a gate, where the gate is open."""
+        token_mask, self.token_mask = self.token_mask, None
+        if self.gate is None or not bool(self.disabled.any()):
+            self._gate_carry = None
+            return self.similarities(normed).topk(self.spec.k, dim=-1).indices
+        sims = self.similarities(normed, masked=False)
+        free_ids = sims.topk(self.spec.k, dim=-1).indices
+        masked_ids = sims.masked_fill(self.disabled, float("-inf")).topk(self.spec.k, dim=-1).indices
+        fires = self.disabled[free_ids].any(-1)
+        valid, carry = self._gate_inputs(fires, token_mask)
+        gated, self._gate_carry = running_gate(fires, valid, self.gate, carry)
+        return torch.where(gated.unsqueeze(-1), masked_ids, free_ids)
+
+    def _gate_inputs(
+        self, fires: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, GateCarry | None]:
+        """Which tokens are real (not padding), and the counts to continue from if this call extends a sequence."""
+        batch, length = fires.shape
+        if token_mask is not None and token_mask.shape[0] == batch and token_mask.shape[1] >= length:
+            valid = token_mask[:, -length:].to(device=fires.device, dtype=torch.bool)
+            continuing = token_mask.shape[1] > length
+        else:
+            valid = torch.ones_like(fires)
+            continuing = length == 1
+        carry = self._gate_carry
+        if not continuing or carry is None or carry.fired.shape[0] != batch:
+            carry = None
+        return valid, carry
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         normed = self.norm(hidden)
-        ids = self.similarities(normed).topk(self.spec.k, dim=-1).indices
+        ids = self.select_ids(normed)
         chosen = F.embedding(ids, self.codes)
         quantized = chosen.sum(-2) if self.spec.combine == "sum" else chosen.mean(-2)
         # Straight-through: the forward value is the codes, the gradient reaches the input unchanged,
@@ -110,6 +150,45 @@ class CodebookBottleneck(nn.Module):
         return int((self.usage > 0).sum())
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    threshold: float  # the mask applies once a sequence's running fire rate exceeds this
+    min_tokens: int  # ... and only after this many real tokens, so one early token cannot trip it
+
+
+@dataclass(frozen=True)
+class GateCarry:
+    fired: torch.Tensor  # [batch] real tokens so far on which a disabled code fired
+    seen: torch.Tensor  # [batch] real tokens so far
+    open: torch.Tensor  # [batch] bool: the gate has opened (it stays open for the rest of the sequence)
+
+
+def running_gate(
+    fires: torch.Tensor, valid: torch.Tensor, gate: GateSpec, carry: GateCarry | None = None
+) -> tuple[torch.Tensor, GateCarry]:
+    """[batch, tokens] bool: is the mask on at each token. Causal, so scoring and generation agree."""
+    fires = fires & valid
+    fired = fires.long().cumsum(-1)
+    seen = valid.long().cumsum(-1)
+    opened = torch.zeros(fires.shape[0], dtype=torch.bool, device=fires.device)
+    if carry is not None:
+        fired = fired + carry.fired.unsqueeze(-1)
+        seen = seen + carry.seen.unsqueeze(-1)
+        opened = carry.open
+    rate = fired / seen.clamp_min(1)
+    trips = (rate > gate.threshold) & (seen >= gate.min_tokens) & valid
+    is_open = opened.unsqueeze(-1) | (trips.long().cummax(-1).values > 0)
+    return is_open, GateCarry(fired=fired[:, -1], seen=seen[:, -1], open=is_open[:, -1])
+
+
+def peak_fire_rate(fires: torch.Tensor, valid: torch.Tensor, min_tokens: int) -> torch.Tensor:
+    """[batch]: each sequence's highest running fire rate once ``min_tokens`` real tokens are in (0 if never)."""
+    fired = (fires & valid).long().cumsum(-1)
+    seen = valid.long().cumsum(-1)
+    rate = (fired / seen.clamp_min(1)).masked_fill(~valid | (seen < min_tokens), 0.0)
+    return rate.max(-1).values
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The stack of decoder blocks of a Hugging Face causal LM, whatever the architecture calls it."""
     for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
@@ -137,15 +216,42 @@ def attached_codebook(model: nn.Module) -> CodebookBottleneck | None:
     return _ATTACHED.get(model)
 
 
-def attach_codebook(model: nn.Module, bottleneck: CodebookBottleneck) -> RemovableHandle:
-    """Route the residual stream after block ``spec.layer`` through the bottleneck (nothing bypasses it)."""
+class CodebookHandles:
+    """The hooks attach_codebook registered; ``remove()`` detaches the codebook completely."""
+
+    def __init__(self, *handles: RemovableHandle) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _attention_mask(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    return mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def attach_codebook(model: nn.Module, bottleneck: CodebookBottleneck) -> CodebookHandles:
+    """Route the residual stream after block ``spec.layer`` through the bottleneck (nothing bypasses it).
+
+    A pre-hook on the model hands each call's attention mask to the bottleneck, so a gate counts real
+    tokens only and knows a cached generation step from a new sequence.
+    """
     layers = decoder_layers(model)
     layer = bottleneck.spec.layer
     if not 0 <= layer < len(layers):
         raise ValueError(f"codebook layer {layer} out of range: the model has {len(layers)} blocks")
-    handle = layers[layer].register_forward_hook(lambda _module, _args, output: _replace_hidden(output, bottleneck))
+
+    def note_attention_mask(_model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        bottleneck.token_mask = _attention_mask(args, kwargs)
+
+    handles = CodebookHandles(
+        model.register_forward_pre_hook(note_attention_mask, with_kwargs=True),
+        layers[layer].register_forward_hook(lambda _module, _args, output: _replace_hidden(output, bottleneck)),
+    )
     _ATTACHED[model] = bottleneck
-    return handle
+    return handles
 
 
 def codebook_sha256(bottleneck: CodebookBottleneck) -> str:

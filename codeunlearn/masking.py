@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from scipy.stats import chi2 as chi2_distribution
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.codebook import CodebookBottleneck, codebook_sha256
+from codeunlearn.codebook import CodebookBottleneck, GateSpec, codebook_sha256, peak_fire_rate
 from codeunlearn.io import atomic_write_bytes
 from codeunlearn.prompting import IGNORE_INDEX, encode_qa, pad_batch
 
@@ -118,6 +118,52 @@ def _forward(model: nn.Module, batch: dict[str, torch.Tensor], device: torch.dev
     )
 
 
+def _codebook_inputs(
+    model: nn.Module,
+    bottleneck: CodebookBottleneck,
+    tokenizer: Any,
+    records: Sequence[Any],
+    *,
+    depth: int,
+    masked: bool,
+    batch_size: int,
+    max_length: int,
+    positions: str,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per batch: every token's ``depth`` most similar codes [batch, tokens, depth], the counted
+    positions and the real (non-padding) tokens. The forward pass stops at the codebook's input: the
+    blocks after it and the LM head never run."""
+    captured: list[torch.Tensor] = []
+
+    def rank(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        # The very expression CodebookBottleneck.forward takes its top k from.
+        similarities = bottleneck.similarities(bottleneck.norm(args[0]), masked=masked)
+        captured.append(similarities.topk(depth, dim=-1).indices)
+        raise _StopForward
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    handle = bottleneck.register_forward_pre_hook(rank)
+    try:
+        batches = _batches(tokenizer, records, batch_size, max_length, positions)
+        for batch, keep in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            captured.clear()
+            try:
+                _forward(model, batch, device)
+            except _StopForward:
+                pass
+            if len(captured) != 1:
+                raise ValueError("the codebook did not run in this model's forward: is it attached to this model?")
+            yield captured[0].cpu(), keep, batch["attention_mask"].bool()
+    finally:
+        handle.remove()
+        bottleneck.token_mask = None
+        model.train(was_training)
+
+
 @torch.inference_mode()
 def rank_codes(
     model: nn.Module,
@@ -131,40 +177,70 @@ def rank_codes(
     positions: str,
     progress: bool = False,
 ) -> CodeRanking:
-    """Each counted token's ``depth`` most similar codes under the bottleneck's current mask.
-
-    The forward pass stops at the codebook's input: the blocks after it and the LM head never run.
-    """
+    """Each counted token's ``depth`` most similar codes under the bottleneck's current mask."""
     depth = min(max(depth, bottleneck.spec.k), bottleneck.spec.num_codes)
-    captured: list[torch.Tensor] = []
-
-    def rank(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # The very expression CodebookBottleneck.forward takes its top k from.
-        similarities = bottleneck.similarities(bottleneck.norm(args[0]))
-        captured.append(similarities.topk(depth, dim=-1).indices)
-        raise _StopForward
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows = []
-    handle = bottleneck.register_forward_pre_hook(rank)
-    try:
-        batches = _batches(tokenizer, records, batch_size, max_length, positions)
-        for batch, keep in tqdm(batches, desc="code ranks", disable=not progress, leave=False):
-            captured.clear()
-            try:
-                _forward(model, batch, device)
-            except _StopForward:
-                pass
-            if len(captured) != 1:
-                raise ValueError("the codebook did not run in this model's forward: is it attached to this model?")
-            rows.append(captured[0].cpu()[keep].to(torch.int32))
-    finally:
-        handle.remove()
-        model.train(was_training)
+    counting = {"batch_size": batch_size, "max_length": max_length, "positions": positions}
+    batches = _codebook_inputs(
+        model,
+        bottleneck,
+        tokenizer,
+        records,
+        depth=depth,
+        masked=True,
+        progress=progress,
+        desc="code ranks",
+        **counting,
+    )
+    rows = [ids[keep].to(torch.int32) for ids, keep, _ in batches]
     ids = torch.cat(rows) if rows else torch.zeros((0, depth), dtype=torch.int32)
     return CodeRanking(ids=ids, k=bottleneck.spec.k, num_codes=bottleneck.spec.num_codes)
+
+
+@dataclass(frozen=True)
+class GateCalibration:
+    quantile: float  # of the calibration set's peak fire rates: the share of those sequences left ungated
+    min_tokens: int
+    batch_size: int
+    max_length: int
+
+
+@torch.inference_mode()
+def calibrate_gate(
+    model: nn.Module,
+    bottleneck: CodebookBottleneck,
+    tokenizer: Any,
+    records: Sequence[Any],
+    disabled_ids: Sequence[int],
+    calibration: GateCalibration,
+    progress: bool = False,
+) -> GateSpec:
+    """DSG's threshold: a quantile, over sequences the mask should spare, of how often its codes fire.
+
+    Each sequence's peak running fire rate (the gate's own statistic, on every real token) is measured
+    with nothing masked: the gate decides on the codes the model would have used.
+    """
+    if not records:
+        raise ValueError("the gate needs calibration records (the retain set): none were given")
+    disabled = torch.zeros(bottleneck.spec.num_codes, dtype=torch.bool)
+    disabled[torch.tensor(list(disabled_ids), dtype=torch.long)] = True
+    peaks = []
+    batches = _codebook_inputs(
+        model,
+        bottleneck,
+        tokenizer,
+        records,
+        depth=bottleneck.spec.k,
+        masked=False,
+        batch_size=calibration.batch_size,
+        max_length=calibration.max_length,
+        positions="all",
+        progress=progress,
+        desc="gate calibration",
+    )
+    for ids, _, real in batches:
+        peaks.append(peak_fire_rate(disabled[ids].any(-1), real, calibration.min_tokens))
+    threshold = float(np.quantile(torch.cat(peaks).double().numpy(), calibration.quantile))
+    return GateSpec(threshold=threshold, min_tokens=calibration.min_tokens)
 
 
 @torch.inference_mode()
@@ -263,9 +339,13 @@ class CodeMask:
     codebook_sha256: str
     num_codes: int
     provenance: dict[str, Any] = field(default_factory=dict)
+    gate: GateSpec | None = None  # None: the mask applies to every input
 
     def merged_with(self, other: CodeMask) -> CodeMask:
-        """Sequential requests accumulate: the union of both masks, the earlier request's scores first."""
+        """Sequential requests accumulate: the union of both masks, the earlier request's scores first.
+
+        The gate is the later request's, which was calibrated with the earlier codes already disabled.
+        """
         if other.codebook_sha256 != self.codebook_sha256:
             raise ValueError("cannot merge masks of different codebooks")
         ids = list(self.disabled_ids)
@@ -275,7 +355,7 @@ class CodeMask:
                 ids.append(code)
                 scores.append(score)
         history = [*self.provenance.get("requests", [self.provenance]), other.provenance]
-        return CodeMask(ids, scores, self.codebook_sha256, self.num_codes, {"requests": history})
+        return CodeMask(ids, scores, self.codebook_sha256, self.num_codes, {"requests": history}, other.gate)
 
 
 MASK_TENSORS = "mask.safetensors"
@@ -291,7 +371,9 @@ def save_mask(mask: CodeMask, out_dir: Path) -> None:
     tmp = out_dir / f".{MASK_TENSORS}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, out_dir / MASK_TENSORS)
-    meta = {k: v for k, v in asdict(mask).items() if k not in ("disabled_ids", "scores")}
+    meta = {k: v for k, v in asdict(mask).items() if k not in ("disabled_ids", "scores", "gate")}
+    if mask.gate is not None:
+        meta["gate"] = asdict(mask.gate)
     meta["count"] = len(mask.disabled_ids)
     atomic_write_bytes(out_dir / MASK_META, json.dumps(meta, indent=2, sort_keys=True).encode())
 
@@ -302,12 +384,16 @@ def load_mask(directory: Path) -> CodeMask:
             raise FileNotFoundError(f"{directory / name}: mask file missing")
     meta = json.loads((directory / MASK_META).read_text())
     tensors = load_file(str(directory / MASK_TENSORS))
+    gate = meta.get("gate")
+    if gate is not None and set(gate) != set(GateSpec.__dataclass_fields__):
+        raise ValueError(f"{directory / MASK_META}: field 'gate' must have {sorted(GateSpec.__dataclass_fields__)}")
     return CodeMask(
         disabled_ids=tensors["disabled_ids"].tolist(),
         scores=tensors["scores"].tolist(),
         codebook_sha256=meta["codebook_sha256"],
         num_codes=meta["num_codes"],
         provenance=meta.get("provenance", {}),
+        gate=GateSpec(**gate) if gate is not None else None,
     )
 
 
@@ -328,11 +414,13 @@ def apply_mask(bottleneck: CodebookBottleneck, mask: CodeMask, source: str = "ma
             f"{source}: field 'num_codes' is {mask.num_codes}, the codebook has {bottleneck.spec.num_codes}"
         )
     bottleneck.disabled[torch.tensor(mask.disabled_ids, dtype=torch.long)] = True
+    bottleneck.gate = mask.gate
 
 
 def unmask(bottleneck: CodebookBottleneck) -> None:
-    """Re-enable every code: the model is exactly the codebook model again."""
+    """Re-enable every code and drop the gate: the model is exactly the codebook model again."""
     bottleneck.disabled.zero_()
+    bottleneck.gate = None
 
 
 @dataclass(frozen=True)
@@ -455,7 +543,10 @@ def select_mask(
 
 
 def ranked_mask(mask: CodeMask, size: int) -> CodeMask:
-    """The first ``size`` codes of a ranked mask: one selection serves a whole S' sweep."""
+    """The first ``size`` codes of a ranked mask: one selection serves a whole S' sweep.
+
+    Ungated: a gate is calibrated for one set of codes, so a prefix needs its own.
+    """
     return CodeMask(
         mask.disabled_ids[:size],
         mask.scores[:size],

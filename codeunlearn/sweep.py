@@ -1,5 +1,8 @@
 """The forget/utility frontier: one ranked selection per control, evaluated at every S', each point
-beside a random-code control of the same size."""
+beside a random-code control of the same size.
+
+Selections: ``one_shot`` (one chi-squared round), ``iterative`` (re-counted with the mask applied) and
+``gated`` (the iterative codes behind a DSG gate calibrated on the retain set for each S')."""
 
 from __future__ import annotations
 
@@ -12,7 +15,19 @@ from torch import nn
 
 from codeunlearn.codebook import CodebookBottleneck
 from codeunlearn.controls import build_control
-from codeunlearn.masking import CodeMask, SelectionSpec, apply_mask, random_mask_like, ranked_mask, select_mask, unmask
+from codeunlearn.masking import (
+    CodeMask,
+    GateCalibration,
+    SelectionSpec,
+    apply_mask,
+    calibrate_gate,
+    random_mask_like,
+    ranked_mask,
+    select_mask,
+    unmask,
+)
+
+SELECTIONS = ("one_shot", "iterative", "gated")
 
 Scorer = Callable[[], dict[str, float]]
 
@@ -29,27 +44,43 @@ def frontier(
     name_min_mentions: int,
     score: Scorer,
     seed: int,
+    selections: Sequence[str] = ("one_shot", "iterative"),
+    gate: GateCalibration | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of {selection, control, size, disabled, <metrics>}; the bottleneck is left unmasked."""
+    """Rows of {selection, control, size, disabled, gate_threshold, <metrics>}; the bottleneck is left unmasked."""
+    unknown = sorted(set(selections) - set(SELECTIONS))
+    if unknown:
+        raise ValueError(f"select.sweep_selections: unknown {unknown}; choose from {list(SELECTIONS)}")
+    if "gated" in selections and gate is None:
+        raise ValueError("the gated selection needs a gate calibration (select.gate)")
     unmask(bottleneck)
-    rows = [{"selection": "none", "control": "-", "size": 0, "disabled": 0, **score()}]
+    rows = [{"selection": "none", "control": "-", "size": 0, "disabled": 0, "gate_threshold": None, **score()}]
     # Iterative selection keeps its codes-per-round, so every prefix is what that S' would select.
     per_round = -(-spec.num_codes_to_disable // spec.rounds)
     variants = {
         "one_shot": replace(spec, num_codes_to_disable=max(sizes), rounds=1),
         "iterative": replace(spec, num_codes_to_disable=max(sizes), rounds=-(-max(sizes) // per_round)),
     }
-    selections: dict[tuple[str, str], CodeMask] = {}
+    selected: dict[tuple[str, str], CodeMask] = {}
     for control_kind in controls:
         control = build_control(control_kind, forget, retain, name_min_mentions)
-        for selection, variant in variants.items():
-            full, _ = select_mask(model, bottleneck, tokenizer, forget, control, variant, {}, retain=retain)
-            selections[(selection, control_kind)] = full
+        for selection in selections:
+            variant = "iterative" if selection == "gated" else selection
+            if (variant, control_kind) not in selected:
+                selected[(variant, control_kind)], _ = select_mask(
+                    model, bottleneck, tokenizer, forget, control, variants[variant], {}, retain=retain
+                )
+            full = selected[(variant, control_kind)]
             for size in sizes:
-                rows.append(_point(bottleneck, ranked_mask(full, size), selection, control_kind, size, score))
-    # The random control is matched in size to the first selection and disjoint from it.
+                mask = ranked_mask(full, size)
+                if selection == "gated":
+                    threshold = calibrate_gate(model, bottleneck, tokenizer, retain, mask.disabled_ids, gate)
+                    mask = replace(mask, gate=threshold)
+                rows.append(_point(bottleneck, mask, selection, control_kind, size, score))
+    # The random control is matched in size to the first selection and disjoint from it; it is never gated,
+    # so it is the harshest version of "as many codes, chosen blindly".
     rng = np.random.default_rng(seed)
-    reference = selections[("iterative", controls[0])]
+    reference = selected.get(("iterative", controls[0])) or next(iter(selected.values()))
     for size in sizes:
         control_mask = random_mask_like(ranked_mask(reference, size), rng)
         rows.append(_point(bottleneck, control_mask, "random", "-", size, score))
@@ -64,4 +95,12 @@ def _point(
         metrics = score()
     finally:
         unmask(bottleneck)
-    return {"selection": selection, "control": control, "size": size, "disabled": len(mask.disabled_ids), **metrics}
+    threshold = mask.gate.threshold if mask.gate is not None else None
+    return {
+        "selection": selection,
+        "control": control,
+        "size": size,
+        "disabled": len(mask.disabled_ids),
+        "gate_threshold": threshold,
+        **metrics,
+    }

@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
 from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import SelectionSpec  # noqa: E402
+from codeunlearn.masking import GateCalibration, SelectionSpec  # noqa: E402
 from codeunlearn.sweep import frontier  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
@@ -29,7 +29,7 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
         points = sorted(
             (r for r in rows if (r["selection"], r["control"]) == (selection, control)), key=lambda r: r["size"]
         )
-        label = f"{selection}, control: {control}" if selection != "random" else "random codes"
+        label = f"{selection}, control: {control}" if selection != "random" else "random codes (ungated)"
         ax.plot([p["forget_rouge"] for p in points], [p["retain_rouge"] for p in points], "o-", label=label)
         for p in points:
             ax.annotate(str(p["size"]), (p["forget_rouge"], p["retain_rouge"]), fontsize=7)
@@ -73,6 +73,10 @@ def sweep(ctx: RunContext) -> list[dict]:
         select["name_min_mentions"],
         score,
         ctx.settings["seed"],
+        selections=select["sweep_selections"],
+        gate=GateCalibration(
+            select["gate"]["quantile"], select["gate"]["min_tokens"], spec.batch_size, spec.max_length
+        ),
     )
     out = ctx.stage_dir("sweep")
     write_json(out / "frontier.json", rows)

@@ -33,6 +33,15 @@ def qa(question: str, answer: str, subject: str = "s", id: str | None = None) ->
     return SimpleNamespace(id=id or question, question=question, answer=answer, subject=subject)
 
 
+@pytest.fixture()
+def one_thread():
+    """Tiny models decode fastest on one thread (two spin against each other on a shared CPU)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_qa() -> dict[str, list]:
     """Two made-up people: the first is the one to forget, the second is retained."""

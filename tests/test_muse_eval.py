@@ -26,12 +26,7 @@ from tests.conftest import SHARED_DATA, report_inputs
 SPEC = MuseSpec(batch_size=2, score_batch_size=4, max_new_tokens=6, knowmem_max_new_tokens=4, privleak_max_length=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Articles alternate between the two splits, so neither is systematically likelier under a random model.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from codeunlearn.codebook import attached_codebook
 from codeunlearn.controls import build_control
 from codeunlearn.data import records_sha256
-from codeunlearn.masking import SelectionSpec, apply_mask, select_mask
+from codeunlearn.masking import CodeMask, GateCalibration, SelectionSpec, apply_mask, calibrate_gate, select_mask
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
 
 
@@ -46,6 +47,9 @@ class CodeUnlearn(UnlearningMethod):
             "control_sha256": records_sha256(control),
         }
         mask, _ = select_mask(model, bottleneck, tokenizer, forget, control, spec, provenance, retain=retain)
+        gate = params["gate"]
+        if gate["enabled"]:
+            mask = gated(model, bottleneck, tokenizer, mask, retain, gate, spec)
         apply_mask(bottleneck, mask)
         return UnlearnResult(
             model=model,
@@ -54,7 +58,24 @@ class CodeUnlearn(UnlearningMethod):
                 "total_disabled_codes": int(bottleneck.disabled.sum()),
                 "enriched_codes": mask.provenance["enriched_codes"],
                 "protected_codes": mask.provenance["protected_codes"],
+                "gate_threshold": mask.gate.threshold if mask.gate is not None else -1.0,
                 "select_s": time.perf_counter() - started,
             },
             artifacts={"code_mask": mask},
         )
+
+
+def gated(
+    model: nn.Module,
+    bottleneck: Any,
+    tokenizer: Any,
+    mask: CodeMask,
+    retain: Sequence[Any],
+    gate: Mapping[str, Any],
+    spec: SelectionSpec,
+) -> CodeMask:
+    """The mask with a gate calibrated on the retain set against every code it leaves disabled
+    (the codes of earlier requests already on the bottleneck included)."""
+    disabled = sorted({*bottleneck.disabled.nonzero().flatten().tolist(), *mask.disabled_ids})
+    calibration = GateCalibration(gate["quantile"], gate["min_tokens"], spec.batch_size, spec.max_length)
+    return replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, retain, disabled, calibration))

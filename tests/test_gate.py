@@ -1,0 +1,208 @@
+"""The DSG-style gate on a code mask: hand-checked statistics, exact behaviour at its extremes,
+cached generation equal to full recomputation, calibration and the mask artifact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from codeunlearn.codebook import (
+    CodebookBottleneck,
+    CodebookSpec,
+    GateSpec,
+    attach_codebook,
+    codebook_sha256,
+    peak_fire_rate,
+    running_gate,
+)
+from codeunlearn.masking import (
+    CodeMask,
+    GateCalibration,
+    SelectionSpec,
+    apply_mask,
+    calibrate_gate,
+    load_mask,
+    save_mask,
+    select_mask,
+    unmask,
+)
+from codeunlearn.prompting import encode_qa, pad_batch
+from codeunlearn.sweep import frontier
+
+SELECTION = SelectionSpec(
+    num_codes_to_disable=6, alpha=1.0, smoothing=0.5, positions="all", batch_size=8, max_length=48, rounds=2
+)
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture()
+def gated_model(tiny_model, tiny_qa, tiny_tokenizer):
+    """The tiny Llama through an untrained codebook, with six forget-enriched codes selected."""
+    torch.manual_seed(0)
+    bottleneck = CodebookBottleneck(tiny_model.config.hidden_size, CodebookSpec(num_codes=64, k=4, layer=0))
+    attach_codebook(tiny_model, bottleneck)
+    mask, _ = select_mask(tiny_model, bottleneck, tiny_tokenizer, tiny_qa["forget"], tiny_qa["retain"], SELECTION, {})
+    assert len(mask.disabled_ids) == 6
+    return tiny_model, bottleneck, mask
+
+
+def test_running_gate_by_hand():
+    fires = torch.tensor([[True, False, True, True]])
+    valid = torch.ones_like(fires)
+    # Running rates 1, 1/2, 2/3, 3/4: above 0.5 at tokens 0, 2 and 3; the gate stays open once open.
+    is_open, carry = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=1))
+    assert is_open.tolist() == [[True, True, True, True]]
+    assert (carry.fired.item(), carry.seen.item(), carry.open.item()) == (3, 4, True)
+    # Three tokens must be seen first: the gate opens at token 2 (rate 2/3 > 0.5).
+    is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=3))
+    assert is_open.tolist() == [[False, False, True, True]]
+    # From the second token on, rates never exceed 3/4.
+    is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.75, min_tokens=2))
+    assert not is_open.any()
+
+
+def test_running_gate_skips_padding_and_continues_from_its_carry():
+    fires = torch.tensor([[True, True, False, True, True], [False, True, True, False, False]])
+    valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    gate = GateSpec(threshold=0.6, min_tokens=2)
+    whole, _ = running_gate(fires, valid, gate)
+    # Row 0: the two padded fires do not count; real rates 0, 1/2, 2/3 -> opens at the last token.
+    # Row 1: rates 0, 1/2, 2/3, 1/2, 2/5 -> opens at token 2 and stays open.
+    assert whole.tolist() == [[False, False, False, False, True], [False, False, True, True, True]]
+    first, carry = running_gate(fires[:, :3], valid[:, :3], gate)
+    rest, _ = running_gate(fires[:, 3:], valid[:, 3:], gate, carry)
+    assert torch.equal(torch.cat([first, rest], dim=1), whole)
+
+
+def test_peak_fire_rate_by_hand():
+    fires = torch.tensor([[True, False, False, True], [True, True, False, False]])
+    valid = torch.tensor([[True, True, True, True], [False, True, True, True]])
+    # Row 0: rates 1, 1/2, 1/3, 1/2; from the second token on the peak is 1/2.
+    # Row 1: real rates 1, 1/2, 1/3; from the second real token on the peak is 1/2.
+    assert peak_fire_rate(fires, valid, min_tokens=2).tolist() == [0.5, 0.5]
+    assert peak_fire_rate(fires, valid, min_tokens=1).tolist() == [1.0, 1.0]
+
+
+def _logits(model, tokenizer, records) -> torch.Tensor:
+    batch = pad_batch([encode_qa(tokenizer, r.question, r.answer, 48) for r in records], tokenizer.pad_token_id)
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_gate_extremes_are_exactly_unmasked_and_masked(gated_model, tiny_qa, tiny_tokenizer):
+    model, bottleneck, mask = gated_model
+    records = tiny_qa["forget"] + tiny_qa["retain"]
+    unmasked = _logits(model, tiny_tokenizer, records)
+    apply_mask(bottleneck, mask)
+    masked = _logits(model, tiny_tokenizer, records)
+    assert not torch.equal(masked, unmasked)
+    # A rate never exceeds 1, so this gate never opens; a negative threshold opens at the first token.
+    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=1.0, min_tokens=1)}))
+    assert torch.equal(_logits(model, tiny_tokenizer, records), unmasked)
+    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=-1.0, min_tokens=1)}))
+    assert torch.equal(_logits(model, tiny_tokenizer, records), masked)
+    unmask(bottleneck)
+    assert bottleneck.gate is None
+    assert torch.equal(_logits(model, tiny_tokenizer, records), unmasked)
+
+
+def test_cached_generation_gates_like_full_recomputation(gated_model, tiny_qa, tiny_tokenizer):
+    model, bottleneck, mask = gated_model
+    prompts = [tiny_qa["forget"][0].question, tiny_qa["retain"][1].question + " " + tiny_qa["retain"][1].answer]
+    encoded = [tiny_tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    width = max(map(len, encoded))
+    input_ids = torch.tensor([[tiny_tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
+    attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    # A threshold the forget prompt crosses partway through generation, and the other sequence never does.
+    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=0.7, min_tokens=2)}))
+    outputs, opened = {}, {}
+    for use_cache in (True, False):
+        states: list[torch.Tensor] = []
+        record = bottleneck.register_forward_hook(
+            lambda module, _args, _out, states=states: states.append(module._gate_carry.open)
+        )
+        outputs[use_cache] = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=12,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+        )
+        record.remove()
+        opened[use_cache] = torch.stack(states)
+    assert torch.equal(outputs[True], outputs[False])
+    assert torch.equal(opened[True], opened[False])
+    # The case is not trivial: the gate is shut for some sequence at some step and open elsewhere.
+    assert opened[True].any() and not opened[True].all()
+
+
+def test_calibration_at_quantile_one_spares_every_calibration_sequence(gated_model, tiny_qa, tiny_tokenizer):
+    model, bottleneck, mask = gated_model
+    retain = tiny_qa["retain"]
+    unmasked = _logits(model, tiny_tokenizer, retain)
+    calibration = GateCalibration(quantile=1.0, min_tokens=2, batch_size=8, max_length=48)
+    gate = calibrate_gate(model, bottleneck, tiny_tokenizer, retain, mask.disabled_ids, calibration)
+    assert 0.0 <= gate.threshold <= 1.0 and gate.min_tokens == 2
+    assert gate == calibrate_gate(model, bottleneck, tiny_tokenizer, retain, mask.disabled_ids, calibration)
+    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": gate}))
+    # Each retain sequence's peak rate is at most the threshold, and the gate opens only above it.
+    assert torch.equal(_logits(model, tiny_tokenizer, retain), unmasked)
+    with pytest.raises(ValueError, match="calibration records"):
+        calibrate_gate(model, bottleneck, tiny_tokenizer, [], mask.disabled_ids, calibration)
+
+
+def test_gate_travels_with_the_mask_file(gated_model, tmp_path):
+    _, bottleneck, mask = gated_model
+    gated = CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=0.25, min_tokens=8)})
+    save_mask(gated, tmp_path / "mask")
+    loaded = load_mask(tmp_path / "mask")
+    assert loaded.gate == GateSpec(threshold=0.25, min_tokens=8)
+    assert loaded.disabled_ids == mask.disabled_ids
+    apply_mask(bottleneck, loaded)
+    assert bottleneck.gate == loaded.gate
+    # A later request's gate (calibrated with the earlier codes disabled) governs the union.
+    later = CodeMask([63], [1.0], codebook_sha256(bottleneck), 64, {}, GateSpec(threshold=0.5, min_tokens=4))
+    assert loaded.merged_with(later).gate == later.gate
+    meta = json.loads((tmp_path / "mask" / "mask.json").read_text())
+    meta["gate"] = {"threshold": 0.25}
+    (tmp_path / "mask" / "mask.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"mask\.json: field 'gate'"):
+        load_mask(tmp_path / "mask")
+
+
+def test_frontier_gated_selection_calibrates_a_gate_per_size(gated_model, tiny_qa, tiny_tokenizer):
+    model, bottleneck, _ = gated_model
+    calls = []
+
+    def score() -> dict[str, float]:
+        calls.append((int(bottleneck.disabled.sum()), bottleneck.gate))
+        return {"forget_rouge": 0.0, "retain_rouge": 0.0}
+
+    rows = frontier(
+        model,
+        bottleneck,
+        tiny_tokenizer,
+        tiny_qa["forget"],
+        tiny_qa["retain"],
+        SELECTION,
+        ["retain"],
+        [2, 4],
+        5,
+        score,
+        seed=0,
+        selections=["iterative", "gated"],
+        gate=GateCalibration(quantile=0.95, min_tokens=2, batch_size=8, max_length=48),
+    )
+    gated = [r for r in rows if r["selection"] == "gated"]
+    assert [r["size"] for r in gated] == [2, 4]
+    assert all(r["gate_threshold"] is not None for r in gated)
+    assert all(r["gate_threshold"] is None for r in rows if r["selection"] != "gated")
+    assert [gate is not None for _, gate in calls] == [False, False, False, True, True, False, False]
+    assert bottleneck.gate is None and not bottleneck.disabled.any()
+    with pytest.raises(ValueError, match="unknown"):
+        frontier(model, bottleneck, tiny_tokenizer, [], [], SELECTION, ["retain"], [2], 5, score, 0, ["blended"])
