@@ -51,14 +51,15 @@ class CodeUnlearn(UnlearningMethod):
         if gate["enabled"]:
             mask = gated(model, bottleneck, tokenizer, mask, retain, gate, spec)
         apply_mask(bottleneck, mask)
+        gate_stats = {"gate_threshold": mask.gate.threshold} if mask.gate is not None else {}
         return UnlearnResult(
             model=model,
             stats={
+                **gate_stats,
                 "disabled_codes": len(mask.disabled_ids),
                 "total_disabled_codes": int(bottleneck.disabled.sum()),
                 "enriched_codes": mask.provenance["enriched_codes"],
                 "protected_codes": mask.provenance["protected_codes"],
-                "gate_threshold": mask.gate.threshold if mask.gate is not None else -1.0,
                 "select_s": time.perf_counter() - started,
             },
             artifacts={"code_mask": mask},
