@@ -342,14 +342,25 @@ class Suite:
 
     def run(self, name: str, checkpoint: Checkpoint, quantize: bool, relearn: bool) -> dict[str, Any]:
         began = time.perf_counter()
+        phases: dict[str, float] = {}
+        clock = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            phases[phase] = now - clock
+            clock = now
+
         scores = score_model(checkpoint.model, checkpoint.tokenizer, self.sets, self.spec, self.progress)
         if name == "oracle":
             self.oracle_scores = scores
         row: dict[str, Any] = summarize(scores, self.oracle_scores)
+        lap("tofu")
         muse_result = None
         if self.muse is not None and name in self.muse.models:
             muse_result = self.muse.run(name, checkpoint, self.progress)
             row.update(muse_result["row"])
+            lap("muse")
         quant_records: Any = None
         if quantize and self.quantization:
             row["quant"], quant_records = quantization_attack(
@@ -362,6 +373,7 @@ class Suite:
                 self.oracle_scores,
                 self.progress,
             )
+            lap("quantization")
         if relearn and self.relearn is not None:
             row["relearn"] = relearn_attack(
                 checkpoint.model,
@@ -371,13 +383,15 @@ class Suite:
                 self.spec.generation,
                 self.progress,
             )
+            lap("relearn")
         seconds = time.perf_counter() - began
-        log.info("evaluated %s in %.1f s", name, seconds)
+        log.info("evaluated %s in %.1f s (%s)", name, seconds, ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()))
         return {
             "row": row,
             "per_item": per_item(scores),
             "quantization": quant_records,
             "seconds": seconds,
+            "phases_s": phases,
             "muse": muse_result,
         }
 
@@ -440,6 +454,7 @@ def evaluate(ctx: RunContext) -> dict:
             "split": "even positions attack, odd positions held out",
         },
         "timing_s": {},
+        "phase_timing_s": {},
         "random_control_ids": list(control.disabled_ids),
     }
     if suite.muse is not None:
@@ -454,6 +469,7 @@ def evaluate(ctx: RunContext) -> dict:
         if result["quantization"] is not None:
             details["quantization"][name] = result["quantization"]
         details["timing_s"][name] = result["seconds"]
+        details["phase_timing_s"][name] = result["phases_s"]
         if result["muse"] is not None:
             details["muse"]["per_item"][name] = result["muse"]["per_item"]
             details["muse"]["timing_s"][name] = result["muse"]["seconds"]
