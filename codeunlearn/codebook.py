@@ -6,8 +6,9 @@ Disabling a code sets its similarity to -inf before top-k, so the next-nearest c
 place (codebook-features' ``keep_k_codes=True``); the mask is a buffer, never a weight change.
 
 An optional gate (DSG, arXiv 2504.08192, made causal) applies the mask only to sequences on which
-the disabled codes fire: per sequence, the running fraction of tokens whose unmasked top-k holds a
-disabled code; once it exceeds the mask's calibrated threshold, every later token is masked.
+the request's codes fire: per sequence, the running fraction of tokens whose unmasked top-k holds one
+of the gate's watched codes (the most forget-enriched ones); once it exceeds the mask's calibrated
+threshold, every later token is masked.
 
 The bottleneck attaches to any Hugging Face decoder-only model with a forward hook on one decoder
 block; transformers' internals are never copied or patched.
@@ -75,7 +76,7 @@ class CodebookBottleneck(nn.Module):
         sims = self.similarities(normed, masked=False)
         free_ids = sims.topk(self.spec.k, dim=-1).indices
         masked_ids = sims.masked_fill(self.disabled, float("-inf")).topk(self.spec.k, dim=-1).indices
-        fires = self.disabled[free_ids].any(-1)
+        fires = self.gate.watched(self.spec.num_codes, free_ids.device)[free_ids].any(-1)
         valid, carry = self._gate_inputs(fires, token_mask)
         gated, self._gate_carry = running_gate(fires, valid, self.gate, carry)
         return torch.where(gated.unsqueeze(-1), masked_ids, free_ids)
@@ -154,6 +155,12 @@ class CodebookBottleneck(nn.Module):
 class GateSpec:
     threshold: float  # the mask applies once a sequence's running fire rate exceeds this
     min_tokens: int  # ... and only after this many real tokens, so one early token cannot trip it
+    watch_ids: tuple[int, ...]  # the codes whose firing counts (DSG watches its top features only)
+
+    def watched(self, num_codes: int, device: torch.device | None = None) -> torch.Tensor:
+        flags = torch.zeros(num_codes, dtype=torch.bool, device=device)
+        flags[torch.tensor(self.watch_ids, dtype=torch.long, device=device)] = True
+        return flags
 
 
 @dataclass(frozen=True)

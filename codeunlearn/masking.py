@@ -202,6 +202,19 @@ class GateCalibration:
     min_tokens: int
     batch_size: int
     max_length: int
+    watch_codes: int  # how many of the mask's top-ranked codes the gate watches
+
+
+def gate_calibration(gate: dict[str, Any], spec: SelectionSpec) -> GateCalibration:
+    """The calibration of ``select.gate``, batched as the selection is."""
+    return GateCalibration(gate["quantile"], gate["min_tokens"], spec.batch_size, spec.max_length, gate["watch_codes"])
+
+
+def watch_list(ranked_ids: Sequence[int], calibration: GateCalibration, earlier: Sequence[int] = ()) -> list[int]:
+    """The codes a gate watches: an earlier request's, then the top ``watch_codes`` of this ranked mask."""
+    watched = list(dict.fromkeys(earlier))
+    watched += [code for code in ranked_ids[: calibration.watch_codes] if code not in watched]
+    return watched
 
 
 @torch.inference_mode()
@@ -210,19 +223,22 @@ def calibrate_gate(
     bottleneck: CodebookBottleneck,
     tokenizer: Any,
     records: Sequence[Any],
-    disabled_ids: Sequence[int],
+    watch_ids: Sequence[int],
     calibration: GateCalibration,
     progress: bool = False,
 ) -> GateSpec:
     """DSG's threshold: a quantile, over sequences the mask should spare, of how often its codes fire.
 
-    Each sequence's peak running fire rate (the gate's own statistic, on every real token) is measured
-    with nothing masked: the gate decides on the codes the model would have used.
+    Each sequence's peak running fire rate of the watched codes (the gate's own statistic, on every
+    real token, answers included) is measured with nothing masked: the gate decides on the codes the
+    model would have used.
     """
     if not records:
         raise ValueError("the gate needs calibration records (the retain set): none were given")
-    disabled = torch.zeros(bottleneck.spec.num_codes, dtype=torch.bool)
-    disabled[torch.tensor(list(disabled_ids), dtype=torch.long)] = True
+    if not watch_ids:
+        raise ValueError("the gate needs at least one code to watch")
+    gate = GateSpec(threshold=0.0, min_tokens=calibration.min_tokens, watch_ids=tuple(int(i) for i in watch_ids))
+    watched = gate.watched(bottleneck.spec.num_codes)
     peaks = []
     batches = _codebook_inputs(
         model,
@@ -238,9 +254,9 @@ def calibrate_gate(
         desc="gate calibration",
     )
     for ids, _, real in batches:
-        peaks.append(peak_fire_rate(disabled[ids].any(-1), real, calibration.min_tokens))
+        peaks.append(peak_fire_rate(watched[ids].any(-1), real, calibration.min_tokens))
     threshold = float(np.quantile(torch.cat(peaks).double().numpy(), calibration.quantile))
-    return GateSpec(threshold=threshold, min_tokens=calibration.min_tokens)
+    return replace(gate, threshold=threshold)
 
 
 @torch.inference_mode()
@@ -393,7 +409,7 @@ def load_mask(directory: Path) -> CodeMask:
         codebook_sha256=meta["codebook_sha256"],
         num_codes=meta["num_codes"],
         provenance=meta.get("provenance", {}),
-        gate=GateSpec(**gate) if gate is not None else None,
+        gate=GateSpec(**{**gate, "watch_ids": tuple(gate["watch_ids"])}) if gate is not None else None,
     )
 
 

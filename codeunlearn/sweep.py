@@ -1,8 +1,9 @@
 """The forget/utility frontier: one ranked selection per control, evaluated at every S', each point
 beside a random-code control of the same size.
 
-Selections: ``one_shot`` (one chi-squared round), ``iterative`` (re-counted with the mask applied) and
-``gated`` (the iterative codes behind a DSG gate calibrated on the retain set for each S')."""
+Selections: ``one_shot`` (one chi-squared round), ``iterative`` (re-counted with the mask applied), and
+``gated_one_shot`` / ``gated_iterative``: the same codes behind a DSG gate calibrated on the retain set
+for each S'."""
 
 from __future__ import annotations
 
@@ -25,9 +26,11 @@ from codeunlearn.masking import (
     ranked_mask,
     select_mask,
     unmask,
+    watch_list,
 )
 
-SELECTIONS = ("one_shot", "iterative", "gated")
+SELECTIONS = ("one_shot", "iterative", "gated_one_shot", "gated_iterative")
+GATED = "gated_"
 
 Scorer = Callable[[], dict[str, float]]
 
@@ -51,7 +54,7 @@ def frontier(
     unknown = sorted(set(selections) - set(SELECTIONS))
     if unknown:
         raise ValueError(f"select.sweep_selections: unknown {unknown}; choose from {list(SELECTIONS)}")
-    if "gated" in selections and gate is None:
+    if any(s.startswith(GATED) for s in selections) and gate is None:
         raise ValueError("the gated selection needs a gate calibration (select.gate)")
     unmask(bottleneck)
     rows = [{"selection": "none", "control": "-", "size": 0, "disabled": 0, "gate_threshold": None, **score()}]
@@ -65,7 +68,7 @@ def frontier(
     for control_kind in controls:
         control = build_control(control_kind, forget, retain, name_min_mentions)
         for selection in selections:
-            variant = "iterative" if selection == "gated" else selection
+            variant = selection.removeprefix(GATED)
             if (variant, control_kind) not in selected:
                 selected[(variant, control_kind)], _ = select_mask(
                     model, bottleneck, tokenizer, forget, control, variants[variant], {}, retain=retain
@@ -73,9 +76,9 @@ def frontier(
             full = selected[(variant, control_kind)]
             for size in sizes:
                 mask = ranked_mask(full, size)
-                if selection == "gated":
-                    threshold = calibrate_gate(model, bottleneck, tokenizer, retain, mask.disabled_ids, gate)
-                    mask = replace(mask, gate=threshold)
+                if selection.startswith(GATED):
+                    watched = watch_list(mask.disabled_ids, gate)
+                    mask = replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, retain, watched, gate))
                 rows.append(_point(bottleneck, mask, selection, control_kind, size, score))
     # The random control is matched in size to the first selection and disjoint from it; it is never gated,
     # so it is the harshest version of "as many codes, chosen blindly".

@@ -14,7 +14,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
 from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import GateCalibration, SelectionSpec  # noqa: E402
+from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
 from codeunlearn.sweep import frontier  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
@@ -74,9 +74,7 @@ def sweep(ctx: RunContext) -> list[dict]:
         score,
         ctx.settings["seed"],
         selections=select["sweep_selections"],
-        gate=GateCalibration(
-            select["gate"]["quantile"], select["gate"]["min_tokens"], spec.batch_size, spec.max_length
-        ),
+        gate=gate_calibration(select["gate"], spec),
     )
     out = ctx.stage_dir("sweep")
     write_json(out / "frontier.json", rows)

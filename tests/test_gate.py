@@ -4,6 +4,7 @@ cached generation equal to full recomputation, calibration and the mask artifact
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -27,10 +28,12 @@ from codeunlearn.masking import (
     save_mask,
     select_mask,
     unmask,
+    watch_list,
 )
 from codeunlearn.prompting import encode_qa, pad_batch
 from codeunlearn.sweep import frontier
 
+WATCH = (0, 5)  # watched codes, for tests where only the statistics matter
 SELECTION = SelectionSpec(
     num_codes_to_disable=6, alpha=1.0, smoothing=0.5, positions="all", batch_size=8, max_length=48, rounds=2
 )
@@ -54,21 +57,21 @@ def test_running_gate_by_hand():
     fires = torch.tensor([[True, False, True, True]])
     valid = torch.ones_like(fires)
     # Running rates 1, 1/2, 2/3, 3/4: above 0.5 at tokens 0, 2 and 3; the gate stays open once open.
-    is_open, carry = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=1))
+    is_open, carry = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=1, watch_ids=WATCH))
     assert is_open.tolist() == [[True, True, True, True]]
     assert (carry.fired.item(), carry.seen.item(), carry.open.item()) == (3, 4, True)
     # Three tokens must be seen first: the gate opens at token 2 (rate 2/3 > 0.5).
-    is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=3))
+    is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=3, watch_ids=WATCH))
     assert is_open.tolist() == [[False, False, True, True]]
     # From the second token on, rates never exceed 3/4.
-    is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.75, min_tokens=2))
+    is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.75, min_tokens=2, watch_ids=WATCH))
     assert not is_open.any()
 
 
 def test_running_gate_skips_padding_and_continues_from_its_carry():
     fires = torch.tensor([[True, True, False, True, True], [False, True, True, False, False]])
     valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
-    gate = GateSpec(threshold=0.6, min_tokens=2)
+    gate = GateSpec(threshold=0.6, min_tokens=2, watch_ids=WATCH)
     whole, _ = running_gate(fires, valid, gate)
     # Row 0: the two padded fires do not count; real rates 0, 1/2, 2/3 -> opens at the last token.
     # Row 1: rates 0, 1/2, 2/3, 1/2, 2/5 -> opens at token 2 and stays open.
@@ -87,6 +90,11 @@ def test_peak_fire_rate_by_hand():
     assert peak_fire_rate(fires, valid, min_tokens=1).tolist() == [1.0, 1.0]
 
 
+def gated_by(mask: CodeMask, threshold: float, min_tokens: int) -> CodeMask:
+    """The mask behind a gate that watches all of its codes."""
+    return replace(mask, gate=GateSpec(threshold=threshold, min_tokens=min_tokens, watch_ids=tuple(mask.disabled_ids)))
+
+
 def _logits(model, tokenizer, records) -> torch.Tensor:
     batch = pad_batch([encode_qa(tokenizer, r.question, r.answer, 48) for r in records], tokenizer.pad_token_id)
     with torch.no_grad():
@@ -101,9 +109,9 @@ def test_gate_extremes_are_exactly_unmasked_and_masked(gated_model, tiny_qa, tin
     masked = _logits(model, tiny_tokenizer, records)
     assert not torch.equal(masked, unmasked)
     # A rate never exceeds 1, so this gate never opens; a negative threshold opens at the first token.
-    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=1.0, min_tokens=1)}))
+    apply_mask(bottleneck, gated_by(mask, 1.0, 1))
     assert torch.equal(_logits(model, tiny_tokenizer, records), unmasked)
-    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=-1.0, min_tokens=1)}))
+    apply_mask(bottleneck, gated_by(mask, -1.0, 1))
     assert torch.equal(_logits(model, tiny_tokenizer, records), masked)
     unmask(bottleneck)
     assert bottleneck.gate is None
@@ -118,7 +126,7 @@ def test_cached_generation_gates_like_full_recomputation(gated_model, tiny_qa, t
     input_ids = torch.tensor([[tiny_tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
     attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     # A threshold the forget prompt crosses partway through generation, and the other sequence never does.
-    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=0.7, min_tokens=2)}))
+    apply_mask(bottleneck, gated_by(mask, 0.7, 2))
     outputs, opened = {}, {}
     for use_cache in (True, False):
         states: list[torch.Tensor] = []
@@ -145,28 +153,35 @@ def test_calibration_at_quantile_one_spares_every_calibration_sequence(gated_mod
     model, bottleneck, mask = gated_model
     retain = tiny_qa["retain"]
     unmasked = _logits(model, tiny_tokenizer, retain)
-    calibration = GateCalibration(quantile=1.0, min_tokens=2, batch_size=8, max_length=48)
+    calibration = GateCalibration(quantile=1.0, min_tokens=2, batch_size=8, max_length=48, watch_codes=6)
     gate = calibrate_gate(model, bottleneck, tiny_tokenizer, retain, mask.disabled_ids, calibration)
     assert 0.0 <= gate.threshold <= 1.0 and gate.min_tokens == 2
     assert gate == calibrate_gate(model, bottleneck, tiny_tokenizer, retain, mask.disabled_ids, calibration)
-    apply_mask(bottleneck, CodeMask(**{**mask.__dict__, "gate": gate}))
+    apply_mask(bottleneck, replace(mask, gate=gate))
     # Each retain sequence's peak rate is at most the threshold, and the gate opens only above it.
     assert torch.equal(_logits(model, tiny_tokenizer, retain), unmasked)
     with pytest.raises(ValueError, match="calibration records"):
         calibrate_gate(model, bottleneck, tiny_tokenizer, [], mask.disabled_ids, calibration)
 
 
+def test_watch_list_keeps_earlier_codes_then_the_top_ranked():
+    calibration = GateCalibration(quantile=0.95, min_tokens=8, batch_size=8, max_length=48, watch_codes=3)
+    assert watch_list([9, 4, 7, 1, 2], calibration) == [9, 4, 7]
+    assert watch_list([9, 4, 7, 1, 2], calibration, earlier=[4, 30]) == [4, 30, 9, 7]
+
+
 def test_gate_travels_with_the_mask_file(gated_model, tmp_path):
     _, bottleneck, mask = gated_model
-    gated = CodeMask(**{**mask.__dict__, "gate": GateSpec(threshold=0.25, min_tokens=8)})
+    gated = replace(mask, gate=GateSpec(threshold=0.25, min_tokens=8, watch_ids=WATCH))
     save_mask(gated, tmp_path / "mask")
     loaded = load_mask(tmp_path / "mask")
-    assert loaded.gate == GateSpec(threshold=0.25, min_tokens=8)
+    assert loaded.gate == GateSpec(threshold=0.25, min_tokens=8, watch_ids=WATCH)
     assert loaded.disabled_ids == mask.disabled_ids
     apply_mask(bottleneck, loaded)
     assert bottleneck.gate == loaded.gate
     # A later request's gate (calibrated with the earlier codes disabled) governs the union.
-    later = CodeMask([63], [1.0], codebook_sha256(bottleneck), 64, {}, GateSpec(threshold=0.5, min_tokens=4))
+    later_gate = GateSpec(threshold=0.5, min_tokens=4, watch_ids=(63, 0))
+    later = CodeMask([63], [1.0], codebook_sha256(bottleneck), 64, {}, later_gate)
     assert loaded.merged_with(later).gate == later.gate
     meta = json.loads((tmp_path / "mask" / "mask.json").read_text())
     meta["gate"] = {"threshold": 0.25}
@@ -195,14 +210,38 @@ def test_frontier_gated_selection_calibrates_a_gate_per_size(gated_model, tiny_q
         5,
         score,
         seed=0,
-        selections=["iterative", "gated"],
-        gate=GateCalibration(quantile=0.95, min_tokens=2, batch_size=8, max_length=48),
+        selections=["iterative", "gated_iterative"],
+        gate=GateCalibration(quantile=0.95, min_tokens=2, batch_size=8, max_length=48, watch_codes=3),
     )
-    gated = [r for r in rows if r["selection"] == "gated"]
+    gated = [r for r in rows if r["selection"] == "gated_iterative"]
     assert [r["size"] for r in gated] == [2, 4]
     assert all(r["gate_threshold"] is not None for r in gated)
-    assert all(r["gate_threshold"] is None for r in rows if r["selection"] != "gated")
+    assert all(r["gate_threshold"] is None for r in rows if r["selection"] != "gated_iterative")
     assert [gate is not None for _, gate in calls] == [False, False, False, True, True, False, False]
     assert bottleneck.gate is None and not bottleneck.disabled.any()
     with pytest.raises(ValueError, match="unknown"):
         frontier(model, bottleneck, tiny_tokenizer, [], [], SELECTION, ["retain"], [2], 5, score, 0, ["blended"])
+
+
+def test_codeunlearn_method_gates_its_mask_and_extends_an_earlier_gate(gated_model, tiny_qa, tiny_tokenizer):
+    from codeunlearn.methods import get_method
+
+    model, bottleneck, _ = gated_model
+    params = {
+        **{name: getattr(SELECTION, name) for name in SelectionSpec.__dataclass_fields__},
+        "num_codes_to_disable": 4,
+        "control": "retain",
+        "name_min_mentions": 5,
+        "gate": {"enabled": True, "quantile": 0.95, "min_tokens": 2, "watch_codes": 2},
+    }
+    first = get_method("codeunlearn").unlearn(model, tiny_tokenizer, tiny_qa["forget"], tiny_qa["retain"], params)
+    mask = first.artifacts["code_mask"]
+    assert mask.gate is not None and mask.gate.watch_ids == tuple(mask.disabled_ids[:2])
+    assert first.stats["gate_threshold"] == mask.gate.threshold
+    assert bottleneck.gate == mask.gate
+    # A second request on top: its gate watches the earlier request's codes, then its own top ones.
+    second = get_method("codeunlearn").unlearn(model, tiny_tokenizer, tiny_qa["forget"], tiny_qa["retain"], params)
+    later = second.artifacts["code_mask"]
+    assert later.gate.watch_ids[:2] == mask.gate.watch_ids
+    assert later.gate.watch_ids[2:] == tuple(later.disabled_ids[:2])
+    assert mask.merged_with(later).gate == later.gate == bottleneck.gate

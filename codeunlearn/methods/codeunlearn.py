@@ -17,7 +17,15 @@ from torch import nn
 from codeunlearn.codebook import attached_codebook
 from codeunlearn.controls import build_control
 from codeunlearn.data import records_sha256
-from codeunlearn.masking import CodeMask, GateCalibration, SelectionSpec, apply_mask, calibrate_gate, select_mask
+from codeunlearn.masking import (
+    CodeMask,
+    SelectionSpec,
+    apply_mask,
+    calibrate_gate,
+    gate_calibration,
+    select_mask,
+    watch_list,
+)
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
 
 
@@ -75,8 +83,9 @@ def gated(
     gate: Mapping[str, Any],
     spec: SelectionSpec,
 ) -> CodeMask:
-    """The mask with a gate calibrated on the retain set against every code it leaves disabled
-    (the codes of earlier requests already on the bottleneck included)."""
-    disabled = sorted({*bottleneck.disabled.nonzero().flatten().tolist(), *mask.disabled_ids})
-    calibration = GateCalibration(gate["quantile"], gate["min_tokens"], spec.batch_size, spec.max_length)
-    return replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, retain, disabled, calibration))
+    """The mask with a gate calibrated on the retain set; it watches this request's top codes and those
+    an earlier request's gate (already on the bottleneck) watched."""
+    calibration = gate_calibration(dict(gate), spec)
+    earlier = bottleneck.gate.watch_ids if bottleneck.gate is not None else ()
+    watched = watch_list(mask.disabled_ids, calibration, earlier)
+    return replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, retain, watched, calibration))
