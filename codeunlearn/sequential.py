@@ -33,7 +33,17 @@ from codeunlearn.codebook import CodebookBottleneck
 from codeunlearn.controls import build_control
 from codeunlearn.data import records_sha256
 from codeunlearn.evaluation import evenly_spaced
-from codeunlearn.masking import CodeMask, SelectionSpec, apply_mask, random_mask_like, select_mask, unmask
+from codeunlearn.masking import (
+    CodeMask,
+    GateCalibration,
+    SelectionSpec,
+    apply_mask,
+    calibrate_gate,
+    random_mask_like,
+    select_mask,
+    unmask,
+    watch_list,
+)
 from codeunlearn.metrics import muse
 
 # Mean forget / retain metric (ROUGE-L recall) of the model as it stands, on the given records.
@@ -110,16 +120,22 @@ class Selector:
     spec: SelectionSpec
     control: str  # "retain" or "name_swap" (controls.build_control)
     name_min_mentions: int
+    gate: GateCalibration | None = None  # select.gate when enabled: each mask is gated, calibrated on ``pool``
 
     def __call__(self, forget: Sequence[Any], pool: Sequence[Any], num_codes: int, provenance: dict) -> CodeMask:
-        """Codes enriched on ``forget`` against ``pool``, found with the bottleneck's current mask applied."""
+        """Codes enriched on ``forget`` against ``pool``, found with the bottleneck's current mask applied;
+        with a gate, it watches the earlier requests' codes and this one's top codes."""
         control = build_control(self.control, forget, pool, self.name_min_mentions)
         spec = replace(self.spec, num_codes_to_disable=num_codes)
         details = {**provenance, "forget_sha256": records_sha256(forget), "forget_count": len(forget)}
         mask, _ = select_mask(
             self.model, self.bottleneck, self.tokenizer, forget, control, spec, details, retain=list(pool)
         )
-        return mask
+        if self.gate is None:
+            return mask
+        earlier = self.bottleneck.gate.watch_ids if self.bottleneck.gate is not None else ()
+        watched = watch_list(mask.disabled_ids, self.gate, earlier)
+        return replace(mask, gate=calibrate_gate(self.model, self.bottleneck, self.tokenizer, pool, watched, self.gate))
 
 
 def _weighted(values: Sequence[float], weights: Sequence[int]) -> float | None:

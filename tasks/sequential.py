@@ -24,7 +24,7 @@ from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
 from codeunlearn.evaluation import GenerationSpec, split_rouge  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import SelectionSpec  # noqa: E402
+from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
 from codeunlearn.sequential import (  # noqa: E402
     Selector,
     group_by_subject,
@@ -121,13 +121,15 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
     cfg = ctx.settings["evaluate"]
     sus, scal = cfg["sustainability"], cfg["scalability"]
     select_cfg, seed = ctx.settings["select"], ctx.settings["seed"]
+    spec = SelectionSpec(**{k: select_cfg[k] for k in SelectionSpec.__dataclass_fields__})
     selector = Selector(
         model=checkpoint.model,
         bottleneck=checkpoint.bottleneck,
         tokenizer=checkpoint.tokenizer,
-        spec=SelectionSpec(**{k: select_cfg[k] for k in SelectionSpec.__dataclass_fields__}),
+        spec=spec,
         control=select_cfg["control"],
         name_min_mentions=select_cfg["name_min_mentions"],
+        gate=gate_calibration(select_cfg["gate"], spec) if select_cfg["gate"]["enabled"] else None,
     )
     generation = GenerationSpec(cfg["max_new_tokens"], cfg["batch_size"])
 

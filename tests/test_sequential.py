@@ -131,6 +131,27 @@ def test_sequential_requests_accumulate_their_masks(selector):
     assert "Zorblat" not in json.dumps(result), "numbers and hashes only"
 
 
+def test_gated_sequential_requests_watch_every_earlier_requests_codes(selector):
+    from dataclasses import replace
+
+    from codeunlearn.masking import GateCalibration
+
+    gated = replace(selector, gate=GateCalibration(0.95, min_tokens=2, batch_size=8, max_length=48, watch_codes=2))
+    plan = sustainability_plan(group_by_subject(author_records()), requests=3)
+    gates = []
+
+    def scorer(records) -> float:
+        gates.append(gated.bottleneck.gate)
+        return 0.0
+
+    result = sustainability(gated, plan, scorer, forget_eval_size=0, retain_eval_size=0, random_control=False, seed=0)
+    watched = [gate.watch_ids for gate in dict.fromkeys(g for g in gates if g is not None)]
+    assert [len(w) for w in watched] == [2, 4, 6]
+    assert watched[1][:2] == watched[0] and watched[2][:4] == watched[1]
+    assert [w[-2:] for w in watched] == [tuple(m["new_ids"][:2]) for m in result["masks"]]
+    assert gated.bottleneck.gate is None and not gated.bottleneck.disabled.any()
+
+
 def test_each_scalability_step_starts_from_the_unmasked_model(selector):
     plan = scalability_plan(group_by_subject(author_records()), [1, 2, 4])
     scorer = Recorder(selector.bottleneck)
