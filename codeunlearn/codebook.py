@@ -5,10 +5,10 @@ it, so all information downstream of the chosen block flows through a small set 
 Disabling a code sets its similarity to -inf before top-k, so the next-nearest code takes its
 place (codebook-features' ``keep_k_codes=True``); the mask is a buffer, never a weight change.
 
-An optional gate (DSG, arXiv 2504.08192, made causal) applies the mask only to sequences on which
-the request's codes fire: per sequence, the running fraction of tokens whose unmasked top-k holds one
-of the gate's watched codes (the most forget-enriched ones); once it exceeds the mask's calibrated
-threshold, every later token is masked.
+An optional gate (DSG, arXiv 2504.08192) applies the mask only to sequences on which the request's
+codes fire: per sequence, the running fraction of tokens whose unmasked top-k holds one of the
+gate's watched codes (the most forget-enriched ones); once it exceeds the mask's calibrated
+threshold, the sequence is masked (see ``running_gate``).
 
 The bottleneck attaches to any Hugging Face decoder-only model with a forward hook on one decoder
 block; transformers' internals are never copied or patched.
@@ -173,7 +173,14 @@ class GateCarry:
 def running_gate(
     fires: torch.Tensor, valid: torch.Tensor, gate: GateSpec, carry: GateCarry | None = None
 ) -> tuple[torch.Tensor, GateCarry]:
-    """[batch, tokens] bool: is the mask on at each token. Causal, so scoring and generation agree."""
+    """[batch, tokens] bool: is the mask on at each token of this forward call.
+
+    A call decides as a whole (DSG's sequence-level gate): if the running rate trips anywhere in it,
+    every token of the call is masked, since a token masked only from the trip onwards would leave
+    the earlier tokens' unmasked states for the later blocks to read the knowledge from. A cached
+    generation step is a call of one token, so a prompt is decided at prefill and the answer token
+    by token; once open, the gate stays open for the rest of the sequence.
+    """
     fires = fires & valid
     fired = fires.long().cumsum(-1)
     seen = valid.long().cumsum(-1)
@@ -184,7 +191,7 @@ def running_gate(
         opened = carry.open
     rate = fired / seen.clamp_min(1)
     trips = (rate > gate.threshold) & (seen >= gate.min_tokens) & valid
-    is_open = opened.unsqueeze(-1) | (trips.long().cummax(-1).values > 0)
+    is_open = (opened | trips.any(-1)).unsqueeze(-1).expand_as(trips)
     return is_open, GateCarry(fired=fired[:, -1], seen=seen[:, -1], open=is_open[:, -1])
 
 

@@ -60,9 +60,10 @@ def test_running_gate_by_hand():
     is_open, carry = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=1, watch_ids=WATCH))
     assert is_open.tolist() == [[True, True, True, True]]
     assert (carry.fired.item(), carry.seen.item(), carry.open.item()) == (3, 4, True)
-    # Three tokens must be seen first: the gate opens at token 2 (rate 2/3 > 0.5).
+    # Three tokens must be seen first: it trips at token 2 (rate 2/3 > 0.5), and a call decides as a
+    # whole, so the tokens before the trip are masked too.
     is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.5, min_tokens=3, watch_ids=WATCH))
-    assert is_open.tolist() == [[False, False, True, True]]
+    assert is_open.tolist() == [[True, True, True, True]]
     # From the second token on, rates never exceed 3/4.
     is_open, _ = running_gate(fires, valid, GateSpec(threshold=0.75, min_tokens=2, watch_ids=WATCH))
     assert not is_open.any()
@@ -72,13 +73,19 @@ def test_running_gate_skips_padding_and_continues_from_its_carry():
     fires = torch.tensor([[True, True, False, True, True], [False, True, True, False, False]])
     valid = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
     gate = GateSpec(threshold=0.6, min_tokens=2, watch_ids=WATCH)
-    whole, _ = running_gate(fires, valid, gate)
-    # Row 0: the two padded fires do not count; real rates 0, 1/2, 2/3 -> opens at the last token.
-    # Row 1: rates 0, 1/2, 2/3, 1/2, 2/5 -> opens at token 2 and stays open.
-    assert whole.tolist() == [[False, False, False, False, True], [False, False, True, True, True]]
+    whole, carry = running_gate(fires, valid, gate)
+    # Row 0: the two padded fires do not count; real rates 0, 1/2, 2/3 -> trips at the last token.
+    # Row 1: rates 0, 1/2, 2/3, 1/2, 2/5 -> trips at token 2.
+    assert whole.tolist() == [[True] * 5, [True] * 5]
+    assert carry.fired.tolist() == [2, 2] and carry.seen.tolist() == [3, 5]
+    # Split in calls (prefill, then one token at a time): row 0 trips only in its last call; row 1 in
+    # the first call, and stays open.
     first, carry = running_gate(fires[:, :3], valid[:, :3], gate)
-    rest, _ = running_gate(fires[:, 3:], valid[:, 3:], gate, carry)
-    assert torch.equal(torch.cat([first, rest], dim=1), whole)
+    steps = [first]
+    for t in (3, 4):
+        step, carry = running_gate(fires[:, t : t + 1], valid[:, t : t + 1], gate, carry)
+        steps.append(step)
+    assert torch.cat(steps, dim=1).tolist() == [[False, False, False, False, True], [True] * 5]
 
 
 def test_peak_fire_rate_by_hand():
@@ -118,35 +125,36 @@ def test_gate_extremes_are_exactly_unmasked_and_masked(gated_model, tiny_qa, tin
     assert torch.equal(_logits(model, tiny_tokenizer, records), unmasked)
 
 
-def test_cached_generation_gates_like_full_recomputation(gated_model, tiny_qa, tiny_tokenizer):
+def test_a_prompt_that_trips_the_gate_is_answered_by_the_masked_model(gated_model, tiny_qa, tiny_tokenizer):
     model, bottleneck, mask = gated_model
     prompts = [tiny_qa["forget"][0].question, tiny_qa["retain"][1].question + " " + tiny_qa["retain"][1].answer]
     encoded = [tiny_tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     width = max(map(len, encoded))
-    input_ids = torch.tensor([[tiny_tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
-    attention_mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
-    # A threshold the forget prompt crosses partway through generation, and the other sequence never does.
-    apply_mask(bottleneck, gated_by(mask, 0.7, 2))
-    outputs, opened = {}, {}
-    for use_cache in (True, False):
+    inputs = {
+        "input_ids": torch.tensor([[tiny_tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded]),
+        "attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded]),
+    }
+
+    def generate() -> tuple[torch.Tensor, torch.Tensor | None]:
         states: list[torch.Tensor] = []
         record = bottleneck.register_forward_hook(
-            lambda module, _args, _out, states=states: states.append(module._gate_carry.open)
+            lambda module, _args, _out: states.append(module._gate_carry.open) if module._gate_carry else None
         )
-        outputs[use_cache] = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=12,
-            do_sample=False,
-            use_cache=use_cache,
-            pad_token_id=tiny_tokenizer.pad_token_id,
-        )
-        record.remove()
-        opened[use_cache] = torch.stack(states)
-    assert torch.equal(outputs[True], outputs[False])
-    assert torch.equal(opened[True], opened[False])
-    # The case is not trivial: the gate is shut for some sequence at some step and open elsewhere.
-    assert opened[True].any() and not opened[True].all()
+        try:
+            out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+        finally:
+            record.remove()
+        return out, torch.stack(states) if states else None
+
+    unmasked, _ = generate()
+    apply_mask(bottleneck, mask)
+    masked, _ = generate()
+    # The forget prompt trips this threshold during the prompt; the other sequence never does.
+    apply_mask(bottleneck, gated_by(mask, 0.6, 2))
+    gated, opened = generate()
+    assert opened[:, 0].all() and not opened[:, 1].any()
+    assert torch.equal(gated[0], masked[0]) and torch.equal(gated[1], unmasked[1])
+    assert not torch.equal(masked[0], unmasked[0])
 
 
 def test_calibration_at_quantile_one_spares_every_calibration_sequence(gated_model, tiny_qa, tiny_tokenizer):
