@@ -49,6 +49,7 @@ def frontier(
     seed: int,
     selections: Sequence[str] = ("one_shot", "iterative"),
     gate: GateCalibration | None = None,
+    codes_per_round: int | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of {selection, control, size, disabled, gate_threshold, <metrics>}; the bottleneck is left unmasked."""
     unknown = sorted(set(selections) - set(SELECTIONS))
@@ -58,8 +59,9 @@ def frontier(
         raise ValueError("the gated selection needs a gate calibration (select.gate)")
     unmask(bottleneck)
     rows = [{"selection": "none", "control": "-", "size": 0, "disabled": 0, "gate_threshold": None, **score()}]
-    # Iterative selection keeps its codes-per-round, so every prefix is what that S' would select.
-    per_round = -(-spec.num_codes_to_disable // spec.rounds)
+    # Iterative selection keeps its codes-per-round (by default the pipeline's S'/rounds), so every
+    # prefix is what that S' would select.
+    per_round = codes_per_round or -(-spec.num_codes_to_disable // spec.rounds)
     variants = {
         "one_shot": replace(spec, num_codes_to_disable=max(sizes), rounds=1),
         "iterative": replace(spec, num_codes_to_disable=max(sizes), rounds=-(-max(sizes) // per_round)),

@@ -75,6 +75,7 @@ def sweep(ctx: RunContext) -> list[dict]:
         ctx.settings["seed"],
         selections=select["sweep_selections"],
         gate=gate_calibration(select["gate"], spec),
+        codes_per_round=select["sweep_codes_per_round"],
     )
     out = ctx.stage_dir("sweep")
     write_json(out / "frontier.json", rows)
