@@ -54,7 +54,7 @@ from codeunlearn.masking import MASK_META, MASK_TENSORS, apply_mask, load_mask
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
 from codeunlearn.training import resolve_device
 from tasks import tracking
-from tasks.context import RunContext, git_commit
+from tasks.context import RunContext
 from tasks.evaluate import relearn_spec, torch_threads
 from tasks.models import load_role, model_dir
 from tasks.request import ACTIVE_MASK, mask_sha256, requests_dir
@@ -345,7 +345,7 @@ def audit_request(
         method=method,
         profile=ctx.profile,
         params_hash=ctx.params_hash,
-        git_commit=git_commit(ctx.root),
+        git_commit=ctx.git_commit,
         forget=forget_summary(forget_file, forget),
         models=models,
         metrics=all_metrics,
@@ -500,7 +500,7 @@ def reverify_model(ctx: RunContext, latest: dict, forget_file: str | None = None
         "model_version": latest["version"],
         "request_id": latest["request_id"],
         "params_hash": ctx.params_hash,
-        "git_commit": git_commit(ctx.root),
+        "git_commit": ctx.git_commit,
         "audit_record_sha256": (record or {}).get("record_sha256"),
         "metrics": metrics,
         "thresholds": json_safe(settings["thresholds"].__dict__),

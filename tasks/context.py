@@ -30,6 +30,13 @@ class RunContext:
     root: Path = REPO_ROOT
     parent_run_id: str | None = None
     extra_tags: dict[str, str] = field(default_factory=dict)
+    # The commit of the code this run loaded, read once when the context is made: a commit made while
+    # a long flow runs (its workers included, which receive this context) must not be stamped on it.
+    commit: str = ""
+
+    @property
+    def git_commit(self) -> str:
+        return self.commit or git_commit(self.root)
 
     @property
     def profile(self) -> str:
@@ -80,6 +87,6 @@ def make_context(
 ) -> RunContext:
     settings = load_settings(params_file or PARAMS_FILE, profile, overrides)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ctx = RunContext(settings=settings)
+    ctx = RunContext(settings=settings, commit=git_commit())
     ctx.apply_threads()
     return ctx

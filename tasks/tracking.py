@@ -18,7 +18,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from tasks.context import RunContext, git_commit
+from tasks.context import RunContext
 
 T = TypeVar("T")
 RETRIES = 3
@@ -79,7 +79,7 @@ def base_tags(ctx: RunContext) -> dict[str, str]:
     return {
         "codeunlearn.profile": ctx.profile,
         "codeunlearn.params_hash": ctx.params_hash,
-        "codeunlearn.git_commit": git_commit(ctx.root),
+        "codeunlearn.git_commit": ctx.git_commit,
         **ctx.extra_tags,
     }
 
