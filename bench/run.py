@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     if "leaderboard" in args.only:
         board = ctx.stage_dir("compare") / "leaderboard.json"
         if board.exists():
-            write_json(out / "leaderboard.json", stamp(ctx, {"rows": read_json(board)}))
+            run = board.with_name("run.json")
+            # The rows are the comparison's: its own commit says which code produced them.
+            compared_at = read_json(run)["git_commit"] if run.exists() else None
+            payload = {"rows": read_json(board), "compare_git_commit": compared_at}
+            write_json(out / "leaderboard.json", stamp(ctx, payload))
         else:
             print(f"{board} missing: run `python -m flows.compare --profile {ctx.profile}` first")
     for path in sorted(out.glob("*.json")):

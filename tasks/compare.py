@@ -151,6 +151,7 @@ def leaderboard(ctx: RunContext, results: dict[str, dict]) -> list[dict[str, Any
     rows = leaderboard_rows(results)
     out = ctx.stage_dir("compare")
     write_json(out / "results.json", results)
+    write_json(out / "run.json", {"git_commit": ctx.git_commit, "params_hash": ctx.params_hash})
     write_json(out / "leaderboard.json", rows)
     atomic_write_text(out / "leaderboard.csv", to_csv(rows))
     atomic_write_text(out / "leaderboard.md", to_markdown(rows))
