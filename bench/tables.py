@@ -33,9 +33,11 @@ def provenance(payload: dict[str, Any]) -> str:
     m = payload["machine"]
     load = m.get("load_average_1m")
     load_text = f", load average {load:.1f}" if load is not None else ""
+    compared = payload.get("compare_git_commit")
+    rows_from = f"; rows from the comparison at commit {compared[:10]}" if compared else ""
     return (
         f"_{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}{load_text}; "
-        f"commit {payload['git_commit'][:10]}_"
+        f"commit {payload['git_commit'][:10]}{rows_from}_"
     )
 
 

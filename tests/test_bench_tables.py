@@ -27,3 +27,17 @@ def test_tables_show_every_benchmark_value_and_its_machine(tmp_path, monkeypatch
     assert "| ga_s | n/a |" in text
     assert "Test CPU, 2 cores" in text and "commit abc1234567" in text
     assert "overhead.json: not measured yet" in text
+
+
+def test_leaderboard_names_the_commit_of_the_comparison_its_rows_come_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    from codeunlearn.leaderboard import COLUMNS
+
+    row = {"method": "ga", **dict.fromkeys(COLUMNS), "forget_rouge": 0.25}
+    write_json(
+        tables.RESULTS / "default" / "leaderboard.json",
+        {"rows": [row], "machine": MACHINE, "git_commit": "bench0000000", "compare_git_commit": "compare1111111"},
+    )
+    text = tables.tables("default")
+    assert "| ga | 0.250 | n/a |" in text
+    assert "commit bench00000; rows from the comparison at commit compare111_" in text
