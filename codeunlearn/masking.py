@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -205,7 +205,7 @@ class GateCalibration:
     watch_codes: int  # how many of the mask's top-ranked codes the gate watches
 
 
-def gate_calibration(gate: dict[str, Any], spec: SelectionSpec) -> GateCalibration:
+def gate_calibration(gate: Mapping[str, Any], spec: SelectionSpec) -> GateCalibration:
     """The calibration of ``select.gate``, batched as the selection is."""
     return GateCalibration(gate["quantile"], gate["min_tokens"], spec.batch_size, spec.max_length, gate["watch_codes"])
 
@@ -257,6 +257,22 @@ def calibrate_gate(
         peaks.append(peak_fire_rate(watched[ids].any(-1), real, calibration.min_tokens))
     threshold = float(np.quantile(torch.cat(peaks).double().numpy(), calibration.quantile))
     return replace(gate, threshold=threshold)
+
+
+def gate_mask(
+    model: nn.Module,
+    bottleneck: CodebookBottleneck,
+    tokenizer: Any,
+    mask: CodeMask,
+    records: Sequence[Any],
+    calibration: GateCalibration,
+    progress: bool = False,
+) -> CodeMask:
+    """``mask`` behind a gate calibrated on ``records`` (the set it should spare). The gate watches the
+    codes of the gate already on the bottleneck (earlier requests), then this mask's top-ranked ones."""
+    earlier = bottleneck.gate.watch_ids if bottleneck.gate is not None else ()
+    watched = watch_list(mask.disabled_ids, calibration, earlier)
+    return replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, records, watched, calibration, progress))
 
 
 @torch.inference_mode()
@@ -360,7 +376,7 @@ class CodeMask:
     def merged_with(self, other: CodeMask) -> CodeMask:
         """Sequential requests accumulate: the union of both masks, the earlier request's scores first.
 
-        The gate is the later request's, which was calibrated with the earlier codes already disabled.
+        The gate is the later request's, which also watches the earlier request's codes (``gate_mask``).
         """
         if other.codebook_sha256 != self.codebook_sha256:
             raise ValueError("cannot merge masks of different codebooks")

@@ -38,11 +38,10 @@ from codeunlearn.masking import (
     GateCalibration,
     SelectionSpec,
     apply_mask,
-    calibrate_gate,
+    gate_mask,
     random_mask_like,
     select_mask,
     unmask,
-    watch_list,
 )
 from codeunlearn.metrics import muse
 
@@ -133,9 +132,7 @@ class Selector:
         )
         if self.gate is None:
             return mask
-        earlier = self.bottleneck.gate.watch_ids if self.bottleneck.gate is not None else ()
-        watched = watch_list(mask.disabled_ids, self.gate, earlier)
-        return replace(mask, gate=calibrate_gate(self.model, self.bottleneck, self.tokenizer, pool, watched, self.gate))
+        return gate_mask(self.model, self.bottleneck, self.tokenizer, mask, pool, self.gate)
 
 
 def _weighted(values: Sequence[float], weights: Sequence[int]) -> float | None:

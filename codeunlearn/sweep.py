@@ -21,12 +21,11 @@ from codeunlearn.masking import (
     GateCalibration,
     SelectionSpec,
     apply_mask,
-    calibrate_gate,
+    gate_mask,
     random_mask_like,
     ranked_mask,
     select_mask,
     unmask,
-    watch_list,
 )
 
 SELECTIONS = ("one_shot", "iterative", "gated_one_shot", "gated_iterative")
@@ -79,8 +78,7 @@ def frontier(
             for size in sizes:
                 mask = ranked_mask(full, size)
                 if selection.startswith(GATED):
-                    watched = watch_list(mask.disabled_ids, gate)
-                    mask = replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, retain, watched, gate))
+                    mask = gate_mask(model, bottleneck, tokenizer, mask, retain, gate)
                 rows.append(_point(bottleneck, mask, selection, control_kind, size, score))
     # The random control is matched in size to the first selection and disjoint from it; it is never gated,
     # so it is the harshest version of "as many codes, chosen blindly".

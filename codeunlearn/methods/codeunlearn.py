@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -17,15 +16,7 @@ from torch import nn
 from codeunlearn.codebook import attached_codebook
 from codeunlearn.controls import build_control
 from codeunlearn.data import records_sha256
-from codeunlearn.masking import (
-    CodeMask,
-    SelectionSpec,
-    apply_mask,
-    calibrate_gate,
-    gate_calibration,
-    select_mask,
-    watch_list,
-)
+from codeunlearn.masking import SelectionSpec, apply_mask, gate_calibration, gate_mask, select_mask
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
 
 
@@ -55,9 +46,10 @@ class CodeUnlearn(UnlearningMethod):
             "control_sha256": records_sha256(control),
         }
         mask, _ = select_mask(model, bottleneck, tokenizer, forget, control, spec, provenance, retain=retain)
-        gate = params["gate"]
-        if gate["enabled"]:
-            mask = gated(model, bottleneck, tokenizer, mask, retain, gate, spec)
+        if params["gate"]["enabled"]:
+            # Calibrated on the retain set; it also watches an earlier request's codes.
+            calibration = gate_calibration(params["gate"], spec)
+            mask = gate_mask(model, bottleneck, tokenizer, mask, retain, calibration)
         apply_mask(bottleneck, mask)
         gate_stats = {"gate_threshold": mask.gate.threshold} if mask.gate is not None else {}
         return UnlearnResult(
@@ -72,20 +64,3 @@ class CodeUnlearn(UnlearningMethod):
             },
             artifacts={"code_mask": mask},
         )
-
-
-def gated(
-    model: nn.Module,
-    bottleneck: Any,
-    tokenizer: Any,
-    mask: CodeMask,
-    retain: Sequence[Any],
-    gate: Mapping[str, Any],
-    spec: SelectionSpec,
-) -> CodeMask:
-    """The mask with a gate calibrated on the retain set; it watches this request's top codes and those
-    an earlier request's gate (already on the bottleneck) watched."""
-    calibration = gate_calibration(dict(gate), spec)
-    earlier = bottleneck.gate.watch_ids if bottleneck.gate is not None else ()
-    watched = watch_list(mask.disabled_ids, calibration, earlier)
-    return replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, retain, watched, calibration))
