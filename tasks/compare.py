@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from codeunlearn.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from codeunlearn.config import settings_hash  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import flatten_metrics  # noqa: E402
+from codeunlearn.evaluation import ModelScores, flatten_metrics  # noqa: E402
 from codeunlearn.io import atomic_write_text, read_json, write_json  # noqa: E402
 from codeunlearn.leaderboard import leaderboard_rows, to_csv, to_markdown  # noqa: E402
 from codeunlearn.masking import apply_mask, load_mask, save_mask  # noqa: E402
@@ -95,14 +95,54 @@ def load_unlearned(ctx: RunContext, method: str):
     return load_checkpoint(out / "model")
 
 
+def evaluation_fingerprint(ctx: RunContext, name: str) -> str:
+    """What one comparison row depends on: the evaluation settings, the model's identity and the oracle's
+    (every row's forget quality and PrivLeak are relative to it). The data is in each stage fingerprint."""
+    if name in ("target", "oracle"):
+        model = fingerprint(ctx, f"finetune_{name}")
+    else:
+        model = method_fingerprint(ctx, name)
+    return settings_hash(
+        {
+            "row": name,
+            "evaluate": ctx.settings["evaluate"],
+            "model": model,
+            "oracle": fingerprint(ctx, "finetune_oracle"),
+        }
+    )
+
+
+def evaluation_file(ctx: RunContext, name: str) -> Path:
+    return method_dir(ctx, name) / "evaluation.json"
+
+
+def completed_evaluation(ctx: RunContext, name: str) -> dict[str, Any] | None:
+    """A previous comparison's evaluation of the same model under the same settings and oracle, so a
+    comparison re-run after one method changed re-evaluates that method only (``resume`` off: none)."""
+    path = evaluation_file(ctx, name)
+    if not ctx.settings.get("resume", True) or not path.exists():
+        return None
+    saved = read_json(path)
+    return saved if saved.get("fingerprint") == evaluation_fingerprint(ctx, name) else None
+
+
+def save_evaluation(ctx: RunContext, name: str, payload: dict[str, Any]) -> None:
+    write_json(evaluation_file(ctx, name), {**payload, "fingerprint": evaluation_fingerprint(ctx, name)})
+
+
 @task(name="evaluate_reference", cache_policy=NONE)
 def evaluate_reference(ctx: RunContext) -> tuple[Suite, dict[str, Any]]:
     """The oracle through the pipeline's full suite; the returned suite carries its scores, the reference
     of every later model's forget quality and PrivLeak."""
     ctx.apply_threads()
     suite = build_suite(ctx)
+    if (saved := completed_evaluation(ctx, "oracle")) is not None:
+        suite.oracle_scores = ModelScores(**saved["scores"])
+        return suite, saved["row"]
     with torch_threads(ctx.settings["evaluate"].get("threads")):
         row = suite.run("oracle", load_role(ctx, "oracle"), quantize=True, relearn=True)["row"]
+    scores = suite.oracle_scores
+    save_evaluation(ctx, "oracle", {"row": row, "scores": {"splits": scores.splits, "mia": scores.mia}})
     return suite, row
 
 
@@ -110,9 +150,12 @@ def evaluate_reference(ctx: RunContext) -> tuple[Suite, dict[str, Any]]:
 def evaluate_model(ctx: RunContext, suite: Suite, name: str, stats: dict[str, Any]) -> dict[str, Any]:
     """One model (the target or a method's unlearned model) through the suite, attacks included."""
     ctx.apply_threads()
+    if (saved := completed_evaluation(ctx, name)) is not None:
+        return {**saved["row"], **stats}
     checkpoint = load_role(ctx, "target") if name == "target" else load_unlearned(ctx, name)
     with torch_threads(ctx.settings["evaluate"].get("threads")):
         row = suite.run(name, checkpoint, quantize=True, relearn=True)["row"]
+    save_evaluation(ctx, name, {"row": row})
     return {**row, **stats}
 
 

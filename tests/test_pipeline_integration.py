@@ -147,6 +147,13 @@ def test_every_method_lowers_forget_rouge_on_a_dask_local_cluster(smoke_run):
     out = tmp / "outputs" / "smoke" / "compare"
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png", "leaderboard.json"):
         assert (out / name).exists(), name
+    # A second comparison reuses every finished method and evaluation: nothing is retrained or rescored.
+    evaluations = sorted(out.glob("*/evaluation.json"))
+    assert len(evaluations) == 9
+    stamps = {path: path.stat().st_mtime_ns for path in evaluations}
+    again = {row["method"]: row for row in compare(profile="smoke", params_file=str(tmp / "params.yaml"))}
+    assert again == rows
+    assert {path: path.stat().st_mtime_ns for path in evaluations} == stamps
 
 
 def test_a_request_keeps_the_forget_text_out_of_mlflow_and_logs(smoke_run, tmp_path, capfd):

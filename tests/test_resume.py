@@ -61,3 +61,37 @@ def test_a_comparison_reuses_a_method_finished_with_the_same_params_and_start(tm
     assert method_fingerprint(ctx, "npo") != identity
     no_resume = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}, "resume": False})
     assert completed_method(no_resume, "ga", identity) is None
+
+
+def test_a_comparison_reuses_an_evaluation_only_under_the_same_settings_model_and_oracle(tmp_path):
+    from tasks.compare import completed_evaluation, evaluation_fingerprint, save_evaluation
+
+    def context(**overrides):
+        return make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}, **overrides})
+
+    ctx = context()
+    save_evaluation(ctx, "ga", {"row": {"forget_rouge": 0.25}})
+    assert completed_evaluation(ctx, "ga")["row"] == {"forget_rouge": 0.25}
+    assert completed_evaluation(ctx, "npo") is None
+    for changed in (
+        context(evaluate={"max_new_tokens": 3}),  # how every model is scored
+        context(methods={"ga": {"lr": 0.5}}),  # the model itself
+        context(finetune={"steps": 7}),  # the oracle (and the target) every row is relative to
+    ):
+        assert evaluation_fingerprint(changed, "ga") != evaluation_fingerprint(ctx, "ga")
+        assert completed_evaluation(changed, "ga") is None
+    assert evaluation_fingerprint(context(methods={"npo": {"lr": 0.5}}), "ga") == evaluation_fingerprint(ctx, "ga")
+    assert completed_evaluation(context(resume=False), "ga") is None
+
+
+def test_a_reused_oracle_evaluation_restores_the_scores_every_row_is_relative_to(tmp_path, monkeypatch):
+    from codeunlearn.evaluation import ModelScores
+    from tasks import compare
+
+    ctx = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}})
+    scores = {"splits": {"forget": {"truth_ratios": [0.5, 0.25], "n": 2}}, "mia": {"forget_min_k": [-1.5]}}
+    compare.save_evaluation(ctx, "oracle", {"row": {"forget_rouge": 0.1}, "scores": scores})
+    monkeypatch.setattr(compare, "build_suite", lambda _ctx: type("Suite", (), {"oracle_scores": None})())
+    suite, row = compare.evaluate_reference.fn(ctx)
+    assert row == {"forget_rouge": 0.1}
+    assert suite.oracle_scores == ModelScores(**scores)
