@@ -170,19 +170,24 @@ def answer_token_logprobs(
             )
     device = next(model.parameters()).device
     pad_id = pad_token_id(tokenizer)
-    out: list[torch.Tensor] = []
-    starts = range(0, len(encoded), batch_size)
+    # Batches of similar lengths: right padding is computed and thrown away (13% of the default profile's
+    # scoring in input order). Results go back to input order.
+    order = sorted(range(len(encoded)), key=lambda index: len(encoded[index].input_ids))
+    by_index: dict[int, torch.Tensor] = {}
+    starts = range(0, len(order), batch_size)
     with evaluating(model):
         for start in tqdm(starts, desc="scoring answers", disable=not progress, leave=False):
-            batch = pad_batch(encoded[start : start + batch_size], pad_id)
+            indices = order[start : start + batch_size]
+            batch = pad_batch([encoded[index] for index in indices], pad_id)
             input_ids = batch["input_ids"].to(device)
             logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
             logprobs = torch.gather(
                 F.log_softmax(logits[:, :-1].float(), dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)
             ).squeeze(-1)
             answer = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
-            out.extend(logprobs[row][answer[row]].cpu() for row in range(len(logprobs)))
-    return [tensor.clone() for tensor in out]
+            for row, index in enumerate(indices):
+                by_index[index] = logprobs[row][answer[row]].cpu().clone()
+    return [by_index[index] for index in range(len(encoded))]
 
 
 def mean_nll(logprobs: torch.Tensor) -> float:
