@@ -30,11 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from codeunlearn.generation import evaluating, generate_answers, pad_token_id
+from codeunlearn.generation import answer_token_logprobs, generate_answers
 from codeunlearn.metrics import mia, muse
 from codeunlearn.metrics.tofu import (
     UTILITY_SPLITS,
@@ -48,7 +46,6 @@ from codeunlearn.metrics.tofu import (
     rouge_l_recall,
     truth_ratio,
 )
-from codeunlearn.prompting import IGNORE_INDEX, encode_qa, pad_batch
 
 # Splits whose truth ratio uses a paraphrased answer; real authors / world facts use the gold answer.
 PARAPHRASE_SPLITS = ("forget", "retain")
@@ -146,50 +143,6 @@ def forget_retain_rouge(
     }
 
 
-def answer_token_logprobs(
-    model: nn.Module,
-    tokenizer: Any,
-    pairs: Sequence[tuple[str, str]],
-    batch_size: int,
-    max_length: int,
-    progress: bool = False,
-) -> list[torch.Tensor]:
-    """log p of every answer token (EOS included) of each (question, answer), teacher-forced.
-
-    The same token sequence and answer positions as ``generation.answer_token_nll`` (whose value is
-    minus the mean of these), kept per token so that Min-K% and LOSS attacks read the same pass.
-    """
-    if batch_size < 1 or max_length < 1:
-        raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
-    encoded = [encode_qa(tokenizer, question, answer, max_length) for question, answer in pairs]
-    for index, item in enumerate(encoded):
-        if all(label == IGNORE_INDEX for label in item.labels):
-            raise ValueError(
-                f"pair {index}: no answer token survives max_length={max_length} "
-                f"(prompt is {item.prompt_length} tokens); raise evaluate.max_length"
-            )
-    device = next(model.parameters()).device
-    pad_id = pad_token_id(tokenizer)
-    # Batches of similar lengths: right padding is computed and thrown away (13% of the default profile's
-    # scoring in input order). Results go back to input order.
-    order = sorted(range(len(encoded)), key=lambda index: len(encoded[index].input_ids))
-    by_index: dict[int, torch.Tensor] = {}
-    starts = range(0, len(order), batch_size)
-    with evaluating(model):
-        for start in tqdm(starts, desc="scoring answers", disable=not progress, leave=False):
-            indices = order[start : start + batch_size]
-            batch = pad_batch([encoded[index] for index in indices], pad_id)
-            input_ids = batch["input_ids"].to(device)
-            logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-            logprobs = torch.gather(
-                F.log_softmax(logits[:, :-1].float(), dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)
-            ).squeeze(-1)
-            answer = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
-            for row, index in enumerate(indices):
-                by_index[index] = logprobs[row][answer[row]].cpu().clone()
-    return [by_index[index] for index in range(len(encoded))]
-
-
 def mean_nll(logprobs: torch.Tensor) -> float:
     return float(-(logprobs.sum() / logprobs.numel()))
 
@@ -239,7 +192,9 @@ def score_model(
         perturbed = [requests.add([(r.question, a) for a in r.perturbed_answers]) for r in records]
         layout[kind] = {"gold": gold, "base": base, "perturbed": perturbed}
     holdout = requests.add([(r.question, r.answer) for r in sets.holdout]) if len(sets.holdout) else None
-    logprobs = answer_token_logprobs(model, tokenizer, requests.pairs, spec.score_batch_size, spec.max_length, progress)
+    logprobs = answer_token_logprobs(
+        model, tokenizer, requests.pairs, spec.score_batch_size, spec.max_length, progress, "evaluate.max_length"
+    )
     nlls = [mean_nll(item) for item in logprobs]
 
     results: dict[str, dict[str, Any]] = {}
