@@ -30,7 +30,16 @@ from typing import Any
 from torch import nn
 
 from codeunlearn.codebook import attached_codebook
-from codeunlearn.evaluation import EvalSets, EvalSpec, GenerationSpec, ModelScores, score_model, split_rouge, summarize
+from codeunlearn.evaluation import (
+    EvalSets,
+    EvalSpec,
+    GenerationSpec,
+    ModelScores,
+    score_model,
+    split_rouge,
+    split_rouges,
+    summarize,
+)
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
 from codeunlearn.training import TrainSpec, train_answers
 
@@ -159,8 +168,7 @@ def relearn_attack(
             history = train_answers(
                 attacked, tokenizer, attack_half, spec.train_spec(), progress=progress, description="relearn"
             )
-        after = split_rouge(attacked, tokenizer, heldout, generation, progress)
-        attack_after = split_rouge(attacked, tokenizer, attack_half, generation, progress)
+        after, attack_after = split_rouges(attacked, tokenizer, [heldout, attack_half], generation, progress)
     finally:
         del attacked
     return {

@@ -117,7 +117,27 @@ def split_rouge(
     model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: GenerationSpec, progress: bool = False
 ) -> float:
     """Mean ROUGE-L recall of greedy answers against the gold answers (TOFU's ROUGE)."""
-    return float(np.mean(split_rouge_by_item(model, tokenizer, records, spec, progress)))
+    return split_rouges(model, tokenizer, [records], spec, progress)[0]
+
+
+def split_rouges(
+    model: nn.Module,
+    tokenizer: Any,
+    record_sets: Sequence[Sequence[Any]],
+    spec: GenerationSpec,
+    progress: bool = False,
+) -> list[float]:
+    """``split_rouge`` of each set, from one generation pass over all their questions.
+
+    Decoding a 135M model on two cores costs about as much per step for 40 rows as for 10, so the
+    sets a caller scores under the same model state share the batches instead of each paying for its own.
+    """
+    by_item = split_rouge_by_item(model, tokenizer, [r for records in record_sets for r in records], spec, progress)
+    means, start = [], 0
+    for records in record_sets:
+        means.append(float(np.mean(by_item[start : start + len(records)])))
+        start += len(records)
+    return means
 
 
 def split_rouge_by_item(
@@ -137,10 +157,8 @@ def forget_retain_rouge(
     spec: GenerationSpec,
     progress: bool = False,
 ) -> dict[str, float]:
-    return {
-        "forget_rouge": split_rouge(model, tokenizer, forget, spec, progress),
-        "retain_rouge": split_rouge(model, tokenizer, retain, spec, progress),
-    }
+    forget_rouge, retain_rouge = split_rouges(model, tokenizer, [forget, retain], spec, progress)
+    return {"forget_rouge": forget_rouge, "retain_rouge": retain_rouge}
 
 
 def mean_nll(logprobs: torch.Tensor) -> float:

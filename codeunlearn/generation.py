@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
@@ -199,10 +198,24 @@ def generate_continuations(
     return [truncate_at_stop_strings(text, stop_strings) for text in texts]
 
 
-def _token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """log p(token t+1 | tokens <= t) for every position: shape (batch, seq - 1), float32."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+def _token_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int = 0
+) -> torch.Tensor:
+    """log p(token t+1 | tokens <= t) for positions t >= ``first``: shape (batch, seq - 1 - first), float32.
+
+    Only those positions go through the LM head (``logits_to_keep``), and log p is the target's logit
+    minus the logsumexp, with no full log-softmax: with a 49k vocabulary the head and the softmax
+    cost a third of a scoring pass, and the prompt tokens before ``first`` need neither.
+    """
+    keep = input_ids.shape[1] - first
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits[:, :-1].float()
+    picked = torch.gather(logits, 2, input_ids[:, first + 1 :].unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _first_answer_position(encoded: Sequence[EncodedQA]) -> int:
+    """The earliest position whose next token is an answer token, over a batch (prompts differ in length)."""
+    return max(0, min(item.prompt_length for item in encoded) - 1)
 
 
 def encode_answers(
@@ -244,10 +257,12 @@ def answer_token_logprobs(
     with evaluating(model):
         for rows in _batches(len(order), batch_size, progress, "scoring answers"):
             indices = [order[row] for row in rows]
-            batch = pad_batch([encoded[index] for index in indices], pad_id)
+            chunk = [encoded[index] for index in indices]
+            batch = pad_batch(chunk, pad_id)
+            first = _first_answer_position(chunk)
             input_ids = batch["input_ids"].to(device)
-            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device))
-            answer = (batch["labels"][:, 1:] != IGNORE_INDEX).to(device)
+            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device), first)
+            answer = (batch["labels"][:, first + 1 :] != IGNORE_INDEX).to(device)
             for row, index in enumerate(indices):
                 by_index[index] = logprobs[row][answer[row]].cpu().clone()
     return [by_index[index] for index in range(len(encoded))]
@@ -273,10 +288,12 @@ def answer_token_nll(
     nlls: list[float] = []
     with evaluating(model):
         for rows in _batches(len(encoded), batch_size, progress, "scoring answers"):
-            batch = pad_batch([encoded[i] for i in rows], pad_id)
+            chunk = [encoded[i] for i in rows]
+            batch = pad_batch(chunk, pad_id)
+            first = _first_answer_position(chunk)
             input_ids = batch["input_ids"].to(device)
-            labels = batch["labels"][:, 1:].to(device)
-            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device))
+            labels = batch["labels"][:, first + 1 :].to(device)
+            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device), first)
             answer = labels != IGNORE_INDEX
             summed = -(logprobs * answer).sum(dim=1)
             nlls.extend((summed / answer.sum(dim=1)).tolist())

@@ -45,8 +45,9 @@ from codeunlearn.masking import (
 )
 from codeunlearn.metrics import muse
 
-# Mean forget / retain metric (ROUGE-L recall) of the model as it stands, on the given records.
-Scorer = Callable[[Sequence[Any]], float]
+# Mean forget / retain metric (ROUGE-L recall) of the model as it stands, one per record set: every set
+# scored under the same mask comes in one call, so the scorer can decode them in shared batches.
+Scorer = Callable[[Sequence[Sequence[Any]]], list[float]]
 
 
 def group_by_subject(records: Sequence[Any]) -> list[list[Any]]:
@@ -161,8 +162,9 @@ def sustainability(
     retain = evenly_spaced(plan.retain, retain_eval_size)
     rng = np.random.default_rng(seed)
     unmask(bottleneck)
-    matrix = [[score(records) for records in evals]]
-    baseline = {"retain_rouge": score(retain), "forget_rouge_first": matrix[0][0]}
+    *first_scores, retain_before = score([*evals, retain])
+    matrix = [first_scores]
+    baseline = {"retain_rouge": retain_before, "forget_rouge_first": matrix[0][0]}
     results: list[dict[str, float]] = []
     masks: list[dict[str, Any]] = []
     active: CodeMask | None = None
@@ -177,7 +179,7 @@ def sustainability(
             select_s = time.perf_counter() - began
             unmask(bottleneck)
             apply_mask(bottleneck, active)
-            by_request = [score(records) for records in evals]
+            *by_request, retain_after = score([*evals, retain])
             matrix.append(by_request)
             done = index + 1
             row = {
@@ -187,7 +189,7 @@ def sustainability(
                 "forget_rouge_current_before": matrix[0][index],
                 "forget_rouge_first": by_request[0],
                 "forget_rouge_requested": _weighted(by_request[:done], sizes[:done]),
-                "retain_rouge": score(retain),
+                "retain_rouge": retain_after,
                 "select_s": select_s,
             }
             pending = _weighted(by_request[done:], sizes[done:])
@@ -197,8 +199,9 @@ def sustainability(
             if random_control:
                 unmask(bottleneck)
                 apply_mask(bottleneck, random_mask_like(active, rng))
-                row["random_forget_rouge_requested"] = _weighted([score(r) for r in evals[:done]], sizes[:done])
-                row["random_retain_rouge"] = score(retain)
+                *random_forget, random_retain = score([*evals[:done], retain])
+                row["random_forget_rouge_requested"] = _weighted(random_forget, sizes[:done])
+                row["random_retain_rouge"] = random_retain
             results.append(row)
             masks.append({"request": done, "new_ids": list(new.disabled_ids), "disabled": len(active.disabled_ids)})
     finally:
@@ -234,31 +237,31 @@ def scalability(
     retain = evenly_spaced(plan.retain, retain_eval_size)
     rng = np.random.default_rng(seed)
     unmask(bottleneck)
-    baseline = {"retain_rouge": score(retain)}
+    baseline = {"retain_rouge": score([retain])[0]}
     results: list[dict[str, float]] = []
     try:
         for index, forget in enumerate(plan.steps):
             authors = plan.step_authors[index]
             num_codes = codes_per_author * authors if codes_per_author else select.spec.num_codes_to_disable
             unmask(bottleneck)
-            before = score(evals[index])
+            (before,) = score([evals[index]])
             began = time.perf_counter()
             mask = select(forget, plan.controls[index], num_codes, {"forget_authors": authors})
             select_s = time.perf_counter() - began
             apply_mask(bottleneck, mask)
+            after, retain_after = score([evals[index], retain])
             row = {
                 "authors": authors,
                 "disabled": len(mask.disabled_ids),
                 "forget_rouge_before": before,
-                "forget_rouge": score(evals[index]),
-                "retain_rouge": score(retain),
+                "forget_rouge": after,
+                "retain_rouge": retain_after,
                 "select_s": select_s,
             }
             if random_control:
                 unmask(bottleneck)
                 apply_mask(bottleneck, random_mask_like(mask, rng))
-                row["random_forget_rouge"] = score(evals[index])
-                row["random_retain_rouge"] = score(retain)
+                row["random_forget_rouge"], row["random_retain_rouge"] = score([evals[index], retain])
             results.append(row)
     finally:
         unmask(bottleneck)

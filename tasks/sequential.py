@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 
 from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, split_rouge  # noqa: E402
+from codeunlearn.evaluation import GenerationSpec, split_rouges  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
 from codeunlearn.sequential import (  # noqa: E402
@@ -133,8 +133,8 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
     )
     generation = GenerationSpec(cfg["max_new_tokens"], cfg["batch_size"])
 
-    def score(records: list) -> float:
-        return split_rouge(checkpoint.model, checkpoint.tokenizer, records, generation)
+    def score(record_sets: list[list]) -> list[float]:
+        return split_rouges(checkpoint.model, checkpoint.tokenizer, record_sets, generation)
 
     def run_sustainability() -> dict[str, Any]:
         plan = sustainability_plan(authors, sus["requests"], sus["authors_per_request"])

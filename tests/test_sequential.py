@@ -53,12 +53,14 @@ class Recorder:
 
     def __init__(self, bottleneck: CodebookBottleneck) -> None:
         self.bottleneck = bottleneck
-        self.calls: list[tuple[frozenset[int], int]] = []
+        self.calls: list[tuple[frozenset[int], int]] = []  # one per record set scored
+        self.sets_per_call: list[int] = []
 
-    def __call__(self, records) -> float:
+    def __call__(self, record_sets) -> list[float]:
         disabled = frozenset(torch.nonzero(self.bottleneck.disabled).flatten().tolist())
-        self.calls.append((disabled, len(records)))
-        return len(disabled) / 64
+        self.calls.extend((disabled, len(records)) for records in record_sets)
+        self.sets_per_call.append(len(record_sets))
+        return [len(disabled) / 64] * len(record_sets)
 
 
 def test_authors_are_grouped_in_order_of_first_appearance():
@@ -120,6 +122,8 @@ def test_sequential_requests_accumulate_their_masks(selector):
         assert all(len(disabled) == len(active) and not disabled & active for disabled, _ in random)
         offset += 4 + step + 1
     assert offset == len(calls)
+    # Every set scored under one mask comes in one call, so the scorer decodes them in shared batches.
+    assert scorer.sets_per_call == [4, 4, 2, 4, 3, 4, 4]
     assert not selector.bottleneck.disabled.any(), "the bottleneck is left unmasked"
     rows = result["rows"]
     assert [row["request"] for row in rows] == [1, 2, 3]
@@ -140,9 +144,9 @@ def test_gated_sequential_requests_watch_every_earlier_requests_codes(selector):
     plan = sustainability_plan(group_by_subject(author_records()), requests=3)
     gates = []
 
-    def scorer(records) -> float:
+    def scorer(record_sets) -> list[float]:
         gates.append(gated.bottleneck.gate)
-        return 0.0
+        return [0.0] * len(record_sets)
 
     result = sustainability(gated, plan, scorer, forget_eval_size=0, retain_eval_size=0, random_control=False, seed=0)
     watched = [gate.watch_ids for gate in dict.fromkeys(g for g in gates if g is not None)]
@@ -168,6 +172,7 @@ def test_each_scalability_step_starts_from_the_unmasked_model(selector):
     assert [n for _, n in before_calls] == [4, 6, 6]  # forget_eval_size caps the scored QAs
     assert [len(scorer.calls[i][0]) for i in (2, 5, 8)] == [int(row["disabled"]) for row in rows]
     assert all("random_forget_rouge" not in row for row in rows)
+    assert scorer.sets_per_call == [1, 1, 2, 1, 2, 1, 2]  # baseline retain, then per size: before, after + retain
     assert rows[0]["retain_rouge_delta"] == pytest.approx(rows[0]["disabled"] / 64)
     assert not selector.bottleneck.disabled.any()
 
