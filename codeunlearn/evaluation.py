@@ -129,8 +129,8 @@ def split_rouges(
 ) -> list[float]:
     """``split_rouge`` of each set, from one generation pass over all their questions.
 
-    Decoding a 135M model on two cores costs about as much per step for 40 rows as for 10, so the
-    sets a caller scores under the same model state share the batches instead of each paying for its own.
+    A decoding step's cost grows slowly with its rows (SmolLM2-135M on two cores: 40 answers in one
+    batch took 34 s, in four batches of 10 72 s), so sets scored under the same model state share batches.
     """
     by_item = split_rouge_by_item(model, tokenizer, [r for records in record_sets for r in records], spec, progress)
     means, start = [], 0

@@ -23,8 +23,11 @@ from codeunlearn.evaluation import (
     answer_token_logprobs,
     evaluate_model,
     flatten_metrics,
+    forget_retain_rouge,
     mean_nll,
     score_model,
+    split_rouge,
+    split_rouges,
     summarize,
 )
 from codeunlearn.generation import answer_token_nll
@@ -132,6 +135,16 @@ def test_suite_returns_every_key_with_finite_values(tiny_model, tiny_tokenizer, 
         "world_facts": 2,
     }
     assert len(scores.mia["forget_min_k"]) == 4 and len(scores.mia["holdout_loss"]) == 3
+
+
+def test_sets_scored_together_match_each_scored_alone(tiny_model, tiny_tokenizer, sets):
+    spec = SPEC.generation
+    together = split_rouges(tiny_model, tiny_tokenizer, [sets.forget, sets.retain[:3], sets.forget[:1]], spec)
+    alone = [split_rouge(tiny_model, tiny_tokenizer, s, spec) for s in (sets.forget, sets.retain[:3], sets.forget[:1])]
+    assert together == pytest.approx(alone)
+    assert forget_retain_rouge(tiny_model, tiny_tokenizer, sets.forget, sets.retain, spec) == pytest.approx(
+        {"forget_rouge": alone[0], "retain_rouge": split_rouge(tiny_model, tiny_tokenizer, sets.retain, spec)}
+    )
 
 
 def test_optional_sets_are_skipped_and_their_keys_absent(tiny_model, tiny_tokenizer, sets):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codeunlearn.generation import (
+    answer_token_logprobs,
     answer_token_nll,
     encode_raw,
     generate_answers,
@@ -92,6 +93,21 @@ def test_answer_token_nll_matches_a_hand_loop(model, tokenizer):
     labels = torch.tensor(item.labels[1:])
     expected = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX).item()
     assert batched[1] == pytest.approx(expected, abs=1e-5)
+
+
+def test_answer_token_logprobs_match_a_full_log_softmax(model, tokenizer):
+    # Prompts of different lengths share a batch: the LM head starts at the shortest prompt's first
+    # answer position, so the longer prompts' extra positions are computed and must not leak in.
+    pairs = [(question, "in Cairo, by the river") for question in QUESTIONS]
+    logprobs = answer_token_logprobs(model, tokenizer, pairs, batch_size=len(pairs), max_length=200)
+    for pair, values in zip(pairs, logprobs, strict=True):
+        item = encode_qa(tokenizer, *pair, max_length=200)
+        with torch.no_grad():
+            full = F.log_softmax(model(torch.tensor([item.input_ids])).logits[0, :-1], dim=-1)
+        expected = full.gather(1, torch.tensor(item.input_ids[1:]).unsqueeze(1)).squeeze(1)
+        answer = torch.tensor(item.labels[1:]) != IGNORE_INDEX
+        assert values.shape == (int(answer.sum()),)
+        assert torch.allclose(values, expected[answer], atol=1e-5)
 
 
 def test_answer_token_nll_rejects_fully_truncated_answers(model, tokenizer):
