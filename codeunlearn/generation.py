@@ -24,7 +24,15 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, encode_prompt, encode_qa, left_pad_prompts, pad_batch
+from codeunlearn.prompting import (
+    IGNORE_INDEX,
+    EncodedQA,
+    encode_prompt,
+    encode_qa,
+    first_answer_position,
+    left_pad_prompts,
+    pad_batch,
+)
 
 
 @contextmanager
@@ -213,11 +221,6 @@ def _token_logprobs(
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def _first_answer_position(encoded: Sequence[EncodedQA]) -> int:
-    """The earliest position whose next token is an answer token, over a batch (prompts differ in length)."""
-    return max(0, min(item.prompt_length for item in encoded) - 1)
-
-
 def encode_answers(
     tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, setting: str = "max_length"
 ) -> list[EncodedQA]:
@@ -257,9 +260,8 @@ def answer_token_logprobs(
     with evaluating(model):
         for rows in _batches(len(order), batch_size, progress, "scoring answers"):
             indices = [order[row] for row in rows]
-            chunk = [encoded[index] for index in indices]
-            batch = pad_batch(chunk, pad_id)
-            first = _first_answer_position(chunk)
+            batch = pad_batch([encoded[index] for index in indices], pad_id)
+            first = first_answer_position(batch["labels"])
             input_ids = batch["input_ids"].to(device)
             logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device), first)
             answer = (batch["labels"][:, first + 1 :] != IGNORE_INDEX).to(device)
@@ -288,9 +290,8 @@ def answer_token_nll(
     nlls: list[float] = []
     with evaluating(model):
         for rows in _batches(len(encoded), batch_size, progress, "scoring answers"):
-            chunk = [encoded[i] for i in rows]
-            batch = pad_batch(chunk, pad_id)
-            first = _first_answer_position(chunk)
+            batch = pad_batch([encoded[i] for i in rows], pad_id)
+            first = first_answer_position(batch["labels"])
             input_ids = batch["input_ids"].to(device)
             labels = batch["labels"][:, first + 1 :].to(device)
             logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device), first)

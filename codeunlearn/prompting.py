@@ -72,6 +72,15 @@ def pad_batch(encoded: Sequence[EncodedQA], pad_token_id: int) -> dict[str, torc
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def first_answer_position(labels: torch.Tensor) -> int:
+    """The earliest position whose next token is an answer token in any row of a padded batch (0 if none).
+
+    Logits before it predict prompt tokens only, which no loss or score reads.
+    """
+    columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else 0
+
+
 def left_pad_prompts(prompts: Sequence[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompt batch for generation, so every row's next token is at the same column."""
     width = max(len(p) for p in prompts)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, encode_qa, pad_batch
+from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, encode_qa, first_answer_position, pad_batch
 
 ExtraLoss = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -59,8 +59,7 @@ def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     (``logits_to_keep``): prompt positions carry no loss, and with a 49k vocabulary the head is a
     fifth of a pretrained model's forward and backward pass.
     """
-    answer_columns = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).nonzero()
-    first = int(answer_columns[0]) if len(answer_columns) else 0
+    first = first_answer_position(batch["labels"])
     keep = batch["input_ids"].shape[1] - first
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
     return out.logits[:, :-1].float(), batch["labels"][:, first + 1 :]
