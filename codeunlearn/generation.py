@@ -221,6 +221,17 @@ def _token_logprobs(
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+def _answer_logprobs(
+    model: nn.Module, chunk: Sequence[EncodedQA], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One right-padded batch scored teacher-forced: (log p per position from the first answer position
+    on, the mask of those positions whose next token is an answer token), both (batch, positions)."""
+    batch = pad_batch(chunk, pad_id)
+    first = first_answer_position(batch["labels"])
+    logprobs = _token_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), first)
+    return logprobs, (batch["labels"][:, first + 1 :] != IGNORE_INDEX).to(device)
+
+
 def encode_answers(
     tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, setting: str = "max_length"
 ) -> list[EncodedQA]:
@@ -260,11 +271,7 @@ def answer_token_logprobs(
     with evaluating(model):
         for rows in _batches(len(order), batch_size, progress, "scoring answers"):
             indices = [order[row] for row in rows]
-            batch = pad_batch([encoded[index] for index in indices], pad_id)
-            first = first_answer_position(batch["labels"])
-            input_ids = batch["input_ids"].to(device)
-            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device), first)
-            answer = (batch["labels"][:, first + 1 :] != IGNORE_INDEX).to(device)
+            logprobs, answer = _answer_logprobs(model, [encoded[index] for index in indices], pad_id, device)
             for row, index in enumerate(indices):
                 by_index[index] = logprobs[row][answer[row]].cpu().clone()
     return [by_index[index] for index in range(len(encoded))]
@@ -290,12 +297,7 @@ def answer_token_nll(
     nlls: list[float] = []
     with evaluating(model):
         for rows in _batches(len(encoded), batch_size, progress, "scoring answers"):
-            batch = pad_batch([encoded[i] for i in rows], pad_id)
-            first = first_answer_position(batch["labels"])
-            input_ids = batch["input_ids"].to(device)
-            labels = batch["labels"][:, first + 1 :].to(device)
-            logprobs = _token_logprobs(model, input_ids, batch["attention_mask"].to(device), first)
-            answer = labels != IGNORE_INDEX
+            logprobs, answer = _answer_logprobs(model, [encoded[i] for i in rows], pad_id, device)
             summed = -(logprobs * answer).sum(dim=1)
             nlls.extend((summed / answer.sum(dim=1)).tolist())
     return nlls
