@@ -23,15 +23,14 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from codeunlearn.codebook import CodebookSpec
 from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
-from codeunlearn.data import QARecord, read_jsonl_records
+from codeunlearn.data import QARecord
 from codeunlearn.evaluation import EvalSpec, score_model, summarize
 from codeunlearn.generation import generate_answers
 from codeunlearn.prompting import encode_prompt, left_pad_prompts
 from tasks.context import make_context
 from tasks.evaluate import load_sets
-from tasks.models import load_role, train_spec
+from tasks.models import codebook_records, codebook_spec, load_role, train_spec
 
 TOPICS = (
     "world geography",
@@ -122,16 +121,9 @@ def main() -> None:
     ]
     corpus_s = time.perf_counter() - started
 
-    splits = ctx.stage_dir("splits")
-    records = [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
+    records = codebook_records(ctx)
     cfg = ctx.settings["codebook"]
-    spec = CodebookSpec(
-        num_codes=cfg["num_codes"],
-        k=cfg["k"],
-        layer=cfg["layer"],
-        use_layernorm=cfg["use_layernorm"],
-        combine=cfg["combine"],
-    )
+    spec = codebook_spec(ctx)
     training = train_spec(ctx, "codebook_train")
     if args.steps:
         training = replace(training, steps=args.steps)

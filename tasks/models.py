@@ -113,20 +113,30 @@ def finetune_oracle(ctx: RunContext) -> dict:
     return _finetune(ctx, "oracle", ("retain",))
 
 
-@task(name="train_codebook", cache_policy=NONE)
-@resumable("train_codebook")
-def train_codebook_stage(ctx: RunContext) -> dict:
+def codebook_records(ctx: RunContext) -> list:
+    """The codebook's training set: the target's (forget + retain)."""
     splits = ctx.stage_dir("splits")
-    records = [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
-    target = load_role(ctx, "target")
+    return [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
+
+
+def codebook_spec(ctx: RunContext) -> CodebookSpec:
     cfg = ctx.settings["codebook"]
-    spec = CodebookSpec(
+    return CodebookSpec(
         num_codes=cfg["num_codes"],
         k=cfg["k"],
         layer=cfg["layer"],
         use_layernorm=cfg["use_layernorm"],
         combine=cfg["combine"],
     )
+
+
+@task(name="train_codebook", cache_policy=NONE)
+@resumable("train_codebook")
+def train_codebook_stage(ctx: RunContext) -> dict:
+    records = codebook_records(ctx)
+    target = load_role(ctx, "target")
+    cfg = ctx.settings["codebook"]
+    spec = codebook_spec(ctx)
     with tracking.stage_run(ctx, "train_codebook"):
         bottleneck, history = train_codebook(
             target.model,
