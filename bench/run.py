@@ -79,7 +79,7 @@ def latency(
     the baselines from the target model."""
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")
-    retain = read_jsonl_records(splits / "retain.jsonl")
+    retain, _ = ctx.retain_split()
     codebook = load_role(ctx, "codebook")
 
     def codeunlearn_request() -> None:

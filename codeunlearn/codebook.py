@@ -1,9 +1,18 @@
 """The discrete codebook bottleneck (Tamkin et al.'s codebook features, as used by CodeUnlearn).
 
-Every token's residual-stream vector is replaced by the sum of the k codes most cosine-similar to
-it, so all information downstream of the chosen block flows through a small set of discrete ids.
-Disabling a code sets its similarity to -inf before top-k, so the next-nearest code takes its
-place (codebook-features' ``keep_k_codes=True``); the mask is a buffer, never a weight change.
+Two modes (``CodebookSpec.mode``):
+
+* ``bottleneck`` (the paper's): every token's residual-stream vector is replaced by the sum of the k
+  codes most cosine-similar to it, so all information downstream of the chosen block flows through a
+  small set of discrete ids. Disabling a code sets its similarity to -inf before top-k, so the
+  next-nearest code takes its place (codebook-features' ``keep_k_codes=True``).
+* ``residual`` (an SAE with its error term, as DSG and SAE unlearning work use it): the codes only
+  read the stream; h' = h + (recon_masked(h) - recon(h)) = h - c * (sum of the disabled codes among
+  the token's top k), with c the mask's strength. With nothing disabled the block's output is
+  returned untouched, so the model is the target bit for bit; the first real token of a sequence
+  (the attention sink, whose norm is ~100x the median) is never edited.
+
+Either way the mask is a buffer, never a weight change.
 
 An optional gate (DSG, arXiv 2504.08192) applies the mask only to sequences on which the request's
 codes fire: per sequence, the running fraction of tokens whose unmasked top-k holds one of the
@@ -29,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+MODES = ("bottleneck", "residual")
+
 
 @dataclass(frozen=True)
 class CodebookSpec:
@@ -37,6 +48,7 @@ class CodebookSpec:
     layer: int
     use_layernorm: bool = True
     combine: str = "sum"  # "sum" (CodeUnlearn) or "mean" (codebook-features' snap output)
+    mode: str = "bottleneck"  # "bottleneck" (the codes replace the stream) or "residual" (they only edit it)
 
 
 class CodebookBottleneck(nn.Module):
@@ -46,11 +58,18 @@ class CodebookBottleneck(nn.Module):
             raise ValueError(f"k={spec.k} exceeds num_codes={spec.num_codes}")
         if spec.combine not in ("sum", "mean"):
             raise ValueError(f"combine must be 'sum' or 'mean', got {spec.combine!r}")
+        if spec.mode not in MODES:
+            raise ValueError(f"codebook.mode must be one of {MODES}, got {spec.mode!r}")
+        if spec.mode == "residual" and spec.use_layernorm:
+            # The edit subtracts codes from the stream itself: they must live in its units, not a LayerNorm's.
+            raise ValueError("codebook.mode 'residual' needs codebook.use_layernorm: false")
         self.spec = spec
         self.dim = dim
         self.codes = nn.Parameter(torch.randn(spec.num_codes, dim) / dim**0.5)
         self.norm = nn.LayerNorm(dim) if spec.use_layernorm else nn.Identity()
         self.register_buffer("disabled", torch.zeros(spec.num_codes, dtype=torch.bool), persistent=False)
+        # Residual mode: how many times a disabled code's contribution is subtracted (the mask's strength).
+        self.strength = 1.0
         # Per-code selection counts since the last reset: drives dead-code revival and live-code metrics.
         self.register_buffer("usage", torch.zeros(spec.num_codes, dtype=torch.long), persistent=False)
         self.last_ids: torch.Tensor | None = None
@@ -67,24 +86,41 @@ class CodebookBottleneck(nn.Module):
         sims = F.normalize(normed, dim=-1) @ F.normalize(self.codes, dim=-1).T
         return sims.masked_fill(self.disabled, float("-inf")) if masked else sims
 
+    @property
+    def residual(self) -> bool:
+        return self.spec.mode == "residual"
+
     def select_ids(self, normed: torch.Tensor) -> torch.Tensor:
         """Each token's k code ids: the mask applied everywhere, or, with a gate, where the gate is open."""
-        token_mask, self.token_mask = self.token_mask, None
         if self.gate is None or not bool(self.disabled.any()):
-            self._gate_carry = None
+            self.token_mask, self._gate_carry = None, None
             return self.similarities(normed).topk(self.spec.k, dim=-1).indices
         sims = self.similarities(normed, masked=False)
         free_ids = sims.topk(self.spec.k, dim=-1).indices
         masked_ids = sims.masked_fill(self.disabled, float("-inf")).topk(self.spec.k, dim=-1).indices
-        fires = self.gate.watched(self.spec.num_codes, free_ids.device)[free_ids].any(-1)
-        valid, carry = self._gate_inputs(fires, token_mask)
-        gated, self._gate_carry = running_gate(fires, valid, self.gate, carry)
+        gated, _ = self._mask_on(free_ids)
         return torch.where(gated.unsqueeze(-1), masked_ids, free_ids)
+
+    def _mask_on(self, free_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([batch, tokens] bool: does the mask act at each token (the gate, if any), [batch, tokens] bool:
+        is the token the first real one of its sequence). Consumes the call's attention mask."""
+        token_mask, self.token_mask = self.token_mask, None
+        fires = torch.zeros(free_ids.shape[:2], dtype=torch.bool, device=free_ids.device)
+        if self.gate is not None:
+            fires = self.gate.watched(self.spec.num_codes, free_ids.device)[free_ids].any(-1)
+        valid, carry, continuing = self._gate_inputs(fires, token_mask)
+        first = valid & (valid.long().cumsum(-1) == 1) & (not continuing)
+        if self.gate is None:
+            self._gate_carry = None
+            return torch.ones_like(fires), first
+        gated, self._gate_carry = running_gate(fires, valid, self.gate, carry)
+        return gated, first
 
     def _gate_inputs(
         self, fires: torch.Tensor, token_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, GateCarry | None]:
-        """Which tokens are real (not padding), and the counts to continue from if this call extends a sequence."""
+    ) -> tuple[torch.Tensor, GateCarry | None, bool]:
+        """Which tokens are real (not padding), the counts to continue from, and whether this call extends
+        a sequence (a cached generation step) rather than starting one."""
         batch, length = fires.shape
         if token_mask is not None and token_mask.shape[0] == batch and token_mask.shape[1] >= length:
             valid = token_mask[:, -length:].to(device=fires.device, dtype=torch.bool)
@@ -95,9 +131,11 @@ class CodebookBottleneck(nn.Module):
         carry = self._gate_carry
         if not continuing or carry is None or carry.fired.shape[0] != batch:
             carry = None
-        return valid, carry
+        return valid, carry, continuing
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.residual:
+            return self._edit(hidden)
         normed = self.norm(hidden)
         ids = self.select_ids(normed)
         chosen = F.embedding(ids, self.codes)
@@ -117,6 +155,26 @@ class CodebookBottleneck(nn.Module):
             self.last_input = normed.detach()
             self.usage += torch.bincount(ids.reshape(-1), minlength=self.spec.num_codes)
         return output.to(hidden.dtype)
+
+    def _edit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Residual mode: subtract ``strength`` x the disabled codes among each token's top k, where the
+        mask acts; with nothing disabled the stream passes untouched (the target, bit for bit)."""
+        if not bool(self.disabled.any()):
+            self.token_mask, self._gate_carry, self.last_ids = None, None, None
+            return hidden
+        free_ids = self.similarities(hidden, masked=False).topk(self.spec.k, dim=-1).indices
+        on, first = self._mask_on(free_ids)
+        removed = self.disabled[free_ids] & (on & ~first).unsqueeze(-1)
+        delta = (F.embedding(free_ids, self.codes) * removed.unsqueeze(-1)).sum(-2)
+        self.last_ids = free_ids.detach()
+        return hidden - (self.strength * delta).to(hidden.dtype)
+
+    def reconstruct(self, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sum of each row's top-k codes, their ids): the codebook's reading of frozen activations."""
+        with torch.no_grad():
+            ids = self.similarities(self.norm(activations), masked=False).topk(self.spec.k, dim=-1).indices
+        chosen = F.embedding(ids, self.codes)
+        return (chosen.sum(-2) if self.spec.combine == "sum" else chosen.mean(-2)), ids
 
     @torch.no_grad()
     def init_from_activations(self, activations: torch.Tensor, generator: torch.Generator) -> None:

@@ -371,6 +371,25 @@ def split_by_author(records: Sequence[QARecord], n_forget: int, n_retain: int, n
     )
 
 
+def split_retain_by_author(records: Sequence[QARecord], control_authors: int) -> tuple[list[QARecord], list[QARecord]]:
+    """(control, scored): the retain split's first ``control_authors`` authors and the rest.
+
+    The control authors are CodeUnlearn's control set and the gate's calibration; the scored authors
+    are never seen by a selection, so their retain score is not protected by construction. 0 keeps
+    the whole split on both sides (the pre-hold-out behaviour).
+    """
+    if control_authors == 0:
+        return list(records), list(records)
+    authors = _authors_in_order(records)
+    if not 0 < control_authors < len(authors):
+        raise ValueError(
+            f"select.control_authors is {control_authors}, but the retain split has {len(authors)} authors: "
+            "it must leave at least one author to score"
+        )
+    control = set(authors[:control_authors])
+    return [r for r in records if r.subject in control], [r for r in records if r.subject not in control]
+
+
 def attach_perturbations(records: Iterable[QARecord], perturbed: Iterable[QARecord]) -> list[QARecord]:
     """Fill ``paraphrased_answer``/``perturbed_answers`` from ``*_perturbed`` records, joined by question.
 

@@ -54,6 +54,9 @@ class CodeRanking:
     ids: torch.Tensor  # [tokens, depth] int32
     k: int
     num_codes: int
+    # Bottleneck mode: a disabled code's slot goes to the next code of the ranking. Residual mode: the
+    # mask never changes which codes a token reads, so counts under any mask are the unmasked counts.
+    substitutes: bool = True
 
     @property
     def tokens(self) -> int:
@@ -65,7 +68,7 @@ class CodeRanking:
         disabled = disabled.cpu() if disabled is not None else None
         for start in range(0, self.tokens, _RANKING_CHUNK):  # bounded memory on large sets
             ids = self.ids[start : start + _RANKING_CHUNK].long()
-            if disabled is None:
+            if disabled is None or not self.substitutes:
                 chosen = ids[:, : self.k]
             else:
                 allowed = ~disabled[ids]
@@ -88,6 +91,8 @@ def _batches(
 ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Padded batches and, per batch, the positions whose codes count ("all" tokens or "answer" ones).
 
+    The first token never counts: it is the attention sink (its norm ~100x the median), whose codes
+    say nothing about the text and, counted, win the chi-squared test on any split of unequal sizes.
     Records are batched by length, which cuts padding; the sort is stable, so the batches are the same
     on every platform.
     """
@@ -102,6 +107,7 @@ def _batches(
             # The code at position t produces token t+1, so answer tokens are predicted from t-1 onwards.
             keep = torch.zeros_like(keep)
             keep[:, :-1] = batch["labels"][:, 1:] != IGNORE_INDEX
+        keep[:, 0] = False
         batches.append((batch, keep))
     return batches
 
@@ -138,8 +144,9 @@ def _codebook_inputs(
     captured: list[torch.Tensor] = []
 
     def rank(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        # The very expression CodebookBottleneck.forward takes its top k from.
-        similarities = bottleneck.similarities(bottleneck.norm(args[0]), masked=masked)
+        # The very expression CodebookBottleneck.forward takes its top k from (residual mode reads the
+        # unmasked codes: its mask edits the output, never the choice).
+        similarities = bottleneck.similarities(bottleneck.norm(args[0]), masked=masked and not bottleneck.residual)
         captured.append(similarities.topk(depth, dim=-1).indices)
         raise _StopForward
 
@@ -193,7 +200,9 @@ def rank_codes(
     )
     rows = [ids[keep].to(torch.int32) for ids, keep, _ in batches]
     ids = torch.cat(rows) if rows else torch.zeros((0, depth), dtype=torch.int32)
-    return CodeRanking(ids=ids, k=bottleneck.spec.k, num_codes=bottleneck.spec.num_codes)
+    return CodeRanking(
+        ids=ids, k=bottleneck.spec.k, num_codes=bottleneck.spec.num_codes, substitutes=not bottleneck.residual
+    )
 
 
 @dataclass(frozen=True)
@@ -372,6 +381,7 @@ class CodeMask:
     num_codes: int
     provenance: dict[str, Any] = field(default_factory=dict)
     gate: GateSpec | None = None  # None: the mask applies to every input
+    strength: float = 1.0  # residual mode: times a disabled code's contribution is subtracted (DSG clamps negative)
 
     def merged_with(self, other: CodeMask) -> CodeMask:
         """Sequential requests accumulate: the union of both masks, the earlier request's scores first.
@@ -387,7 +397,9 @@ class CodeMask:
                 ids.append(code)
                 scores.append(score)
         history = [*self.provenance.get("requests", [self.provenance]), other.provenance]
-        return CodeMask(ids, scores, self.codebook_sha256, self.num_codes, {"requests": history}, other.gate)
+        return CodeMask(
+            ids, scores, self.codebook_sha256, self.num_codes, {"requests": history}, other.gate, other.strength
+        )
 
 
 MASK_TENSORS = "mask.safetensors"
@@ -426,6 +438,7 @@ def load_mask(directory: Path) -> CodeMask:
         num_codes=meta["num_codes"],
         provenance=meta.get("provenance", {}),
         gate=GateSpec(**{**gate, "watch_ids": tuple(gate["watch_ids"])}) if gate is not None else None,
+        strength=float(meta.get("strength", 1.0)),
     )
 
 
@@ -447,12 +460,14 @@ def apply_mask(bottleneck: CodebookBottleneck, mask: CodeMask, source: str = "ma
         )
     bottleneck.disabled[torch.tensor(mask.disabled_ids, dtype=torch.long)] = True
     bottleneck.gate = mask.gate
+    bottleneck.strength = mask.strength
 
 
 def unmask(bottleneck: CodebookBottleneck) -> None:
     """Re-enable every code and drop the gate: the model is exactly the codebook model again."""
     bottleneck.disabled.zero_()
     bottleneck.gate = None
+    bottleneck.strength = 1.0
 
 
 @dataclass(frozen=True)
@@ -470,6 +485,7 @@ class SelectionSpec:
     # Iterative selection: disabled codes are replaced by their nearest neighbours, which may carry
     # the same knowledge; re-counting with the mask applied finds those substitutes in later rounds.
     rounds: int = 1
+    strength: float = 1.0  # residual mode: the mask's c (see CodeMask.strength)
 
 
 def _select_once(
@@ -571,7 +587,8 @@ def select_mask(
         disabled[torch.tensor(mask.disabled_ids, dtype=torch.long)] = True
     first_mask, first_enrichment = first
     details = {**first_mask.provenance, "selection": asdict(spec), "rounds_run": rounds_run}
-    return CodeMask(ids, scores, first_mask.codebook_sha256, first_mask.num_codes, details), first_enrichment
+    mask = CodeMask(ids, scores, first_mask.codebook_sha256, first_mask.num_codes, details, strength=spec.strength)
+    return mask, first_enrichment
 
 
 def ranked_mask(mask: CodeMask, size: int) -> CodeMask:
@@ -585,6 +602,7 @@ def ranked_mask(mask: CodeMask, size: int) -> CodeMask:
         mask.codebook_sha256,
         mask.num_codes,
         {**mask.provenance, "num_codes_to_disable": size},
+        strength=mask.strength,
     )
 
 
@@ -598,4 +616,5 @@ def random_mask_like(mask: CodeMask, generator: np.random.Generator, exclude: Se
         codebook_sha256=mask.codebook_sha256,
         num_codes=mask.num_codes,
         provenance={"control": "random", "matched_to": len(mask.disabled_ids)},
+        strength=mask.strength,
     )

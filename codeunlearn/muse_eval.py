@@ -128,7 +128,8 @@ def _pairs(path: Path, first: str, second: str) -> list[tuple[str, str]]:
     return out
 
 
-def _texts(path: Path) -> list[str]:
+def read_texts(path: Path) -> list[str]:
+    """A JSON array of non-empty strings (MUSE's privleak and raw files)."""
     items = _read_json_array(path)
     for row, item in enumerate(items):
         if not isinstance(item, str) or not item.strip():
@@ -167,7 +168,7 @@ def load_muse_sets(
         knowmem[split] = _subset(_pairs(muse_dir / qa_file, "question", "answer"), knowmem_size)
         icl[split] = _pairs(muse_dir / icl_file, "question", "answer")[:icl_examples]
     privleak = {
-        split: _subset(_texts(muse_dir / name), privleak_size) if privleak_size >= 0 else []
+        split: _subset(read_texts(muse_dir / name), privleak_size) if privleak_size >= 0 else []
         for split, name in PRIVLEAK_FILES.items()
     }
     used = {

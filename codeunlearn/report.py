@@ -319,8 +319,12 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         "## Codebook",
         "",
-        f"- {codebook['live_codes']} of {codebook['num_codes']} codes live on the training data; "
-        f"final answer CE {codebook['final_ce']:.3f}, reconstruction {codebook['final_reconstruction']:.3f}.",
+        f"- mode `{codebook.get('mode', 'bottleneck')}`: {codebook['live_codes']} of {codebook['num_codes']} codes "
+        "live on the training data; "
+        + (f"final answer CE {codebook['final_ce']:.3f}, " if "final_ce" in codebook else "")
+        + (f"KL to the target {codebook['final_kl']:.3f}, " if "final_kl" in codebook else "")
+        + f"relative reconstruction error {codebook['final_reconstruction']:.3f}"
+        + (f" on {codebook['activations']} cached activations." if "activations" in codebook else "."),
         "",
         "## Unlearning request",
         "",

@@ -47,7 +47,7 @@ from codeunlearn.audit import (
     verify_record,
 )
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint
-from codeunlearn.data import load_qa_file, read_jsonl_records, records_sha256
+from codeunlearn.data import load_qa_file, records_sha256
 from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge, split_rouge
 from codeunlearn.io import read_json
 from codeunlearn.masking import MASK_META, MASK_TENSORS, apply_mask, load_mask
@@ -139,8 +139,7 @@ def generation_spec(ctx: RunContext) -> GenerationSpec:
 
 def retain_eval(ctx: RunContext) -> list:
     """The retain QAs the request evaluation scores (the same evenly spaced subset as evaluate_request)."""
-    records = read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl")
-    return evenly_spaced(records, ctx.settings["evaluate"]["retain_eval_size"])
+    return evenly_spaced(ctx.retain_split()[1], ctx.settings["evaluate"]["retain_eval_size"])
 
 
 # --------------------------------------------------------------------------- attacks

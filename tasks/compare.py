@@ -45,7 +45,7 @@ def run_method(ctx: RunContext, method: str) -> dict[str, Any]:
         return previous
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")
-    retain = read_jsonl_records(splits / "retain.jsonl")
+    retain, _ = ctx.retain_split()  # the authors a method may use; the others are scored
     checkpoint = load_role(ctx, "codebook" if method == "codeunlearn" else "target")
     params = ctx.method_params(method, {"params_hash": ctx.params_hash, "request": "compare"})
     with tracking.stage_run(ctx, f"unlearn_{method}"):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from codeunlearn.config import load_settings, settings_hash
+from codeunlearn.data import read_jsonl_records, split_retain_by_author
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"
@@ -53,6 +54,13 @@ class RunContext:
     @property
     def params_hash(self) -> str:
         return settings_hash(self.settings)
+
+    def retain_split(self) -> tuple[list, list]:
+        """(control, scored) retain records: the ``select.control_authors`` a selection, a gate or a
+        baseline may use, and the other authors, whose retain score is therefore not protected by
+        construction (``codeunlearn.data.split_retain_by_author``)."""
+        retain = read_jsonl_records(self.stage_dir("splits") / "retain.jsonl")
+        return split_retain_by_author(retain, self.settings["select"]["control_authors"])
 
     @property
     def progress(self) -> bool:

@@ -197,7 +197,7 @@ def load_sets(ctx: RunContext) -> EvalSets:
         return evenly_spaced(kept, size)
 
     forget = usable(read_jsonl_records(splits / "forget.jsonl"), "forget", cfg["forget_eval_size"])
-    retain = usable(read_jsonl_records(splits / "retain.jsonl"), "retain", cfg["retain_eval_size"])
+    retain = usable(ctx.retain_split()[1], "retain", cfg["retain_eval_size"])
     extra = {}
     for kind in ("real_authors", "world_facts"):
         size = cfg[f"{kind}_size"]
@@ -481,9 +481,8 @@ def evaluate(ctx: RunContext) -> dict:
         for name, applied in (("codebook", None), ("codeunlearn", mask), ("random_codes", control)):
             with deployed(codebook_model, applied, source=str(mask_dir)):
                 run_suite(name, codebook_model)
-        # The whole retain split, as the selection counted it (the eval subset is only a sample of it).
-        retain_split = read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl")
-        usage = code_usage(codebook_model, sets.forget, retain_split, mask, control, ctx.settings["select"])
+        # The control authors, as the selection counted them (the eval subset is only a sample of retain).
+        usage = code_usage(codebook_model, sets.forget, ctx.retain_split()[0], mask, control, ctx.settings["select"])
     for name in ("codeunlearn", "random_codes"):
         metrics[name].update(usage.pop(name))
     metrics = {name: metrics[name] for name in ROWS}

@@ -9,11 +9,12 @@ from prefect.cache_policies import NONE
 
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from codeunlearn.codebook import CodebookSpec, codebook_sha256
-from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
+from codeunlearn.codebook_training import CodebookLoss, CodebookRecipe, ResidualFit, Revival, fit_codebook, text_chunks
 from codeunlearn.data import read_jsonl_records, records_sha256
 from codeunlearn.io import read_json, write_json
 from codeunlearn.masking import count_codes
 from codeunlearn.models import load_model
+from codeunlearn.muse_eval import read_texts
 from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 from codeunlearn.training import TrainSpec, resolve_device, train_answers
 from tasks import tracking
@@ -114,9 +115,18 @@ def finetune_oracle(ctx: RunContext) -> dict:
 
 
 def codebook_records(ctx: RunContext) -> list:
-    """The codebook's training set: the target's (forget + retain)."""
+    """The codebook's QA training set: the target's (forget + retain)."""
     splits = ctx.stage_dir("splits")
     return [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
+
+
+def codebook_texts(ctx: RunContext) -> list[str]:
+    """Broad text for the codebook (``codebook.corpus``): articles the target never fine-tuned on."""
+    corpus = ctx.settings["codebook"]["corpus"]
+    if not corpus["news_file"]:
+        return []
+    texts = read_texts(ctx.resolve(ctx.settings["paths"]["muse_dir"]) / corpus["news_file"])
+    return texts[: corpus["news_texts"]] if corpus["news_texts"] else texts
 
 
 def codebook_spec(ctx: RunContext) -> CodebookSpec:
@@ -127,6 +137,30 @@ def codebook_spec(ctx: RunContext) -> CodebookSpec:
         layer=cfg["layer"],
         use_layernorm=cfg["use_layernorm"],
         combine=cfg["combine"],
+        mode=cfg["mode"],
+    )
+
+
+def codebook_recipe(ctx: RunContext) -> CodebookRecipe:
+    cfg = ctx.settings["codebook"]
+    residual = cfg["residual"]
+    training = train_spec(ctx, "codebook_train")
+    return CodebookRecipe(
+        spec=codebook_spec(ctx),
+        train=training,
+        loss=CodebookLoss(cfg["reconstruction_weight"], cfg["l1_weight"]),
+        revival=Revival(cfg["revive_every"], cfg["revive_noise"]),
+        init_batches=cfg["init_batches"],
+        freeze_below=cfg["freeze_below"],
+        kl_weight=cfg["kl_weight"],
+        residual=ResidualFit(
+            steps=residual["steps"],
+            batch_tokens=residual["batch_tokens"],
+            lr=residual["lr"],
+            seed=training.seed,
+            log_every=training.log_every,
+        ),
+        activation_batch_size=residual["activation_batch_size"],
     )
 
 
@@ -135,21 +169,11 @@ def codebook_spec(ctx: RunContext) -> CodebookSpec:
 def train_codebook_stage(ctx: RunContext) -> dict:
     records = codebook_records(ctx)
     target = load_role(ctx, "target")
-    cfg = ctx.settings["codebook"]
-    spec = codebook_spec(ctx)
+    corpus = ctx.settings["codebook"]["corpus"]
+    recipe = codebook_recipe(ctx)
+    general = text_chunks(target.tokenizer, codebook_texts(ctx), corpus["chunk_tokens"], corpus["chunks_per_text"])
     with tracking.stage_run(ctx, "train_codebook"):
-        bottleneck, history = train_codebook(
-            target.model,
-            target.tokenizer,
-            records,
-            spec,
-            train_spec(ctx, "codebook_train"),
-            CodebookLoss(cfg["reconstruction_weight"], cfg["l1_weight"]),
-            Revival(cfg["revive_every"], cfg["revive_noise"]),
-            cfg["init_batches"],
-            progress=ctx.progress,
-            freeze_below=cfg["freeze_below"],
-        )
+        bottleneck, history = fit_codebook(target.model, target.tokenizer, records, general, recipe, ctx.progress)
         out = model_dir(ctx, "codebook")
         save_checkpoint(target.model, target.tokenizer, out, bottleneck=bottleneck)
         tracking.log_history(history, "train")
@@ -163,13 +187,16 @@ def train_codebook_stage(ctx: RunContext) -> dict:
             positions="all",
         )
         summary = {
-            "final_ce": history[-1]["ce"],
+            "mode": recipe.spec.mode,
             "final_reconstruction": history[-1]["reconstruction"],
             "live_codes": int((usage.counts > 0).sum()),
             "revived_total": history[-1]["revived_total"],
-            "num_codes": spec.num_codes,
+            "num_codes": recipe.spec.num_codes,
+            "general_rows": len(general),
+            **{f"final_{key}": history[-1][key] for key in ("ce", "kl") if key in history[-1]},
+            **({"activations": int(history[-1]["activations"])} if "activations" in history[-1] else {}),
         }
-        tracking.log_metrics(summary)
+        tracking.log_metrics({k: v for k, v in summary.items() if k != "mode"})
         sha = codebook_sha256(bottleneck)
         tags = {**data_tags(ctx), "codeunlearn.codebook_sha256": sha, "codeunlearn.role": "codebook"}
         version = tracking.register_model_dir(ctx, out, "codebook", tags)

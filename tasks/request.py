@@ -54,7 +54,7 @@ def load_request(ctx: RunContext, forget_file: str) -> dict:
 def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dict) -> dict:
     """Run the method; CodeUnlearn adds its codes to the active mask, others write an edited model."""
     forget = load_qa_file(forget_file)
-    retain = read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl")
+    retain, _ = ctx.retain_split()
     out = requests_dir(ctx) / request["request_id"]
     base_role = "codebook" if method == "codeunlearn" else "target"
     checkpoint = load_role(ctx, base_role)
@@ -91,7 +91,7 @@ def evaluate_request(ctx: RunContext, forget_file: str, method: str, request: di
     """Forget ROUGE on the request's own forget set and retain ROUGE, before and after the request."""
     forget = load_qa_file(forget_file)
     cfg = ctx.settings["evaluate"]
-    retain = evenly_spaced(read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl"), cfg["retain_eval_size"])
+    retain = evenly_spaced(ctx.retain_split()[1], cfg["retain_eval_size"])
     spec = GenerationSpec(cfg["max_new_tokens"], cfg["batch_size"])
     out = requests_dir(ctx) / request["request_id"]
     if method == "codeunlearn":

@@ -50,10 +50,10 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
 def sweep(ctx: RunContext) -> list[dict]:
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")
-    retain_all = read_jsonl_records(splits / "retain.jsonl")
+    retain_all, retain_scored = ctx.retain_split()
     select = ctx.settings["select"]
     evaluate_cfg = ctx.settings["evaluate"]
-    retain_eval = evenly_spaced(retain_all, evaluate_cfg["retain_eval_size"])
+    retain_eval = evenly_spaced(retain_scored, evaluate_cfg["retain_eval_size"])
     generation = GenerationSpec(evaluate_cfg["max_new_tokens"], evaluate_cfg["batch_size"])
     checkpoint = load_role(ctx, "codebook")
     spec = SelectionSpec(**{name: select[name] for name in SelectionSpec.__dataclass_fields__})

@@ -22,13 +22,13 @@ from tasks.resume import resumable
 def select_codes(ctx: RunContext) -> dict:
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")
-    retain = read_jsonl_records(splits / "retain.jsonl")
+    control, _ = ctx.retain_split()
     codebook_model = load_role(ctx, "codebook")
     params = ctx.method_params("codeunlearn", {"params_hash": ctx.params_hash, "request": "pipeline"})
     started = time.perf_counter()
     with tracking.stage_run(ctx, "select_codes"):
         result = get_method("codeunlearn").unlearn(
-            codebook_model.model, codebook_model.tokenizer, forget, retain, params
+            codebook_model.model, codebook_model.tokenizer, forget, control, params
         )
         latency = time.perf_counter() - started
         mask = result.artifacts["code_mask"]
