@@ -120,6 +120,7 @@ class Thresholds:
     min_retain_ratio: float | None = 0.8  # retain ROUGE after / before the request
     max_quant_recovery: float | None = 0.2  # forget ROUGE gained by 4-bit re-quantization
     max_relearn_recovery: float | None = 0.3  # held-out forget ROUGE gained by the relearning attack
+    min_utility_ratio: float | None = 0.9  # TOFU model utility (retain, real authors, world facts) after / before
 
     @classmethod
     def from_settings(cls, block: Mapping[str, Any] | None) -> Thresholds:
@@ -131,6 +132,7 @@ class Thresholds:
 CHECKS: dict[str, tuple[str, str]] = {
     "forget_rouge": ("max_forget_rouge", "le"),
     "retain_ratio": ("min_retain_ratio", "ge"),
+    "utility_ratio": ("min_utility_ratio", "ge"),
     "quant_recovery": ("max_quant_recovery", "le"),
     "relearn_recovery": ("max_relearn_recovery", "le"),
 }
@@ -146,19 +148,22 @@ def _number(value: Any) -> float | None:
 def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     """The numbers the thresholds apply to, from a metrics block laid out as::
 
-        {"before": {"forget_rouge", "retain_rouge"}, "after": {...},
+        {"before": {"forget_rouge", "retain_rouge", "model_utility"}, "after": {...},
          "quantization": {"rtn_w4_g64": {"recovery", ...}, ...}, "relearn": {"recovery", ...}}
 
-    ``retain_ratio`` is retain after / before (1.0 when before is 0); ``quant_recovery`` is the worst
+    ``retain_ratio`` is retain after / before (1.0 when before is 0), ``utility_ratio`` the same for
+    model utility; ``quant_recovery`` is the worst
     (largest) recovery over the quantized rows. A block that is absent gives ``None``.
     """
     after = metrics.get("after") or {}
     before = metrics.get("before") or {}
-    retain_after, retain_before = _number(after.get("retain_rouge")), _number(before.get("retain_rouge"))
-    if retain_after is None or retain_before is None:
-        ratio = None
-    else:
-        ratio = retain_after / retain_before if retain_before > 0 else 1.0
+
+    def ratio(key: str) -> float | None:
+        now, then = _number(after.get(key)), _number(before.get(key))
+        if now is None or then is None:
+            return None
+        return now / then if then > 0 else 1.0
+
     recoveries = [
         _number(row.get("recovery"))
         for row in (metrics.get("quantization") or {}).values()
@@ -168,7 +173,8 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     relearn = metrics.get("relearn") or {}
     return {
         "forget_rouge": _number(after.get("forget_rouge")),
-        "retain_ratio": ratio,
+        "retain_ratio": ratio("retain_rouge"),
+        "utility_ratio": ratio("model_utility"),
         "quant_recovery": max(recoveries) if recoveries else None,
         "relearn_recovery": _number(relearn.get("recovery")) if isinstance(relearn, Mapping) else None,
     }

@@ -194,11 +194,45 @@ def score_model(
     splits = sets.tofu_splits()
     if "forget" not in splits:
         raise ValueError("no forget records to evaluate")
-    for kind, records in splits.items():
-        _check_records(kind, records)
-
     questions = [record.question for records in splits.values() for record in records]
     generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
+    return _score_splits(model, tokenizer, splits, sets.holdout, generated, spec, progress)
+
+
+def request_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    forget: Sequence[Any],
+    utility: EvalSets,
+    spec: EvalSpec,
+    progress: bool = False,
+) -> dict[str, float]:
+    """A request's numbers: forget ROUGE on its own QAs (which carry no perturbed answers) beside the
+    model utility of ``utility``'s retain / real-authors / world-facts sets and each set's ROUGE, Prob
+    and truth ratio. One decoding pass serves all of them."""
+    splits = {kind: records for kind, records in utility.tofu_splits().items() if kind != "forget"}
+    questions = [r.question for r in forget] + [r.question for records in splits.values() for r in records]
+    generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
+    row: dict[str, float] = {}
+    if forget:
+        row["forget_rouge"] = float(np.mean(rouge_l_recall(generated[: len(forget)], [r.answer for r in forget])))
+    if splits:
+        row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(forget) :], spec, progress)))
+    return row
+
+
+def _score_splits(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: dict[str, Sequence[Any]],
+    holdout_records: Sequence[Any],
+    generated: Sequence[str],
+    spec: EvalSpec,
+    progress: bool,
+) -> ModelScores:
+    """TOFU's per-item numbers of ``splits`` from their greedy answers (``generated``, in split order)."""
+    for kind, records in splits.items():
+        _check_records(kind, records)
 
     requests = _Requests()
     layout: dict[str, dict[str, Any]] = {}
@@ -209,7 +243,7 @@ def score_model(
         )
         perturbed = [requests.add([(r.question, a) for a in r.perturbed_answers]) for r in records]
         layout[kind] = {"gold": gold, "base": base, "perturbed": perturbed}
-    holdout = requests.add([(r.question, r.answer) for r in sets.holdout]) if len(sets.holdout) else None
+    holdout = requests.add([(r.question, r.answer) for r in holdout_records]) if len(holdout_records) else None
     logprobs = answer_token_logprobs(
         model, tokenizer, requests.pairs, spec.score_batch_size, spec.max_length, progress, "evaluate.max_length"
     )

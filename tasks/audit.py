@@ -48,7 +48,7 @@ from codeunlearn.audit import (
 )
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint
 from codeunlearn.data import load_qa_file, records_sha256
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge, split_rouge
+from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge, request_scores
 from codeunlearn.io import read_json
 from codeunlearn.masking import MASK_META, MASK_TENSORS, apply_mask, load_mask
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
@@ -478,18 +478,14 @@ def reverify_model(ctx: RunContext, latest: dict, forget_file: str | None = None
             }
         )
     retain = retain_eval(ctx)
-    spec = generation_spec(ctx)
     mask_dir = requests_dir(ctx) / ACTIVE_MASK if latest["method"] == "codeunlearn" else None
     with torch_threads(ctx.settings["evaluate"].get("threads")):
         checkpoint = load_deployed(ctx, latest["method"], request_dir, mask_dir)
+        after = request_scores(checkpoint.model, checkpoint.tokenizer, forget, ctx.utility_sets(), ctx.eval_spec())
         if forget:
-            after = forget_retain_rouge(checkpoint.model, checkpoint.tokenizer, forget, retain, spec)
             attacks, skipped = attack_metrics(ctx, checkpoint, forget, retain, after)
         else:  # nothing to attack without the forget set: those checks fail as "not measured"
-            after = {
-                "forget_rouge": None,
-                "retain_rouge": split_rouge(checkpoint.model, checkpoint.tokenizer, retain, spec),
-            }
+            after["forget_rouge"] = None
             attacks, skipped = {}, {}
     metrics = json_safe({"before": before, "after": after, **attacks})
     verdict = judge(judged_values(metrics), settings["thresholds"], skipped, checks)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from codeunlearn.config import load_settings, settings_hash
-from codeunlearn.data import read_jsonl_records, split_retain_by_author
+from codeunlearn.data import load_tofu_file, read_jsonl_records, split_retain_by_author
+from codeunlearn.evaluation import EvalSets, EvalSpec, evenly_spaced, has_truth_ratio_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"
@@ -61,6 +62,31 @@ class RunContext:
         construction (``codeunlearn.data.split_retain_by_author``)."""
         retain = read_jsonl_records(self.stage_dir("splits") / "retain.jsonl")
         return split_retain_by_author(retain, self.settings["select"]["control_authors"])
+
+    def eval_spec(self) -> EvalSpec:
+        """How ``evaluate`` scores a model: decoding budget and batches, scored length, Min-K ratio."""
+        cfg = self.settings["evaluate"]
+        return EvalSpec(
+            max_new_tokens=cfg["max_new_tokens"],
+            batch_size=cfg["batch_size"],
+            score_batch_size=cfg["score_batch_size"],
+            max_length=cfg["max_length"],
+            min_k=cfg["mia"]["min_k"],
+        )
+
+    def utility_sets(self) -> EvalSets:
+        """What model utility is measured on (no forget set): the scored retain authors' QAs that carry
+        perturbed answers, real authors and world facts, sized as ``evaluate`` says."""
+        cfg = self.settings["evaluate"]
+        tofu_dir = self.resolve(self.settings["paths"]["tofu_dir"])
+        scored = [r for r in self.retain_split()[1] if has_truth_ratio_data(r, "retain")]
+        extra = {
+            kind: evenly_spaced(load_tofu_file(tofu_dir / f"{kind}_perturbed.json"), cfg[f"{kind}_size"])
+            if cfg[f"{kind}_size"] >= 0
+            else []
+            for kind in ("real_authors", "world_facts")
+        }
+        return EvalSets(forget=[], retain=evenly_spaced(scored, cfg["retain_eval_size"]), **extra)
 
     @property
     def progress(self) -> bool:

@@ -167,16 +167,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def eval_spec(cfg: dict[str, Any]) -> EvalSpec:
-    return EvalSpec(
-        max_new_tokens=cfg["max_new_tokens"],
-        batch_size=cfg["batch_size"],
-        score_batch_size=cfg["score_batch_size"],
-        max_length=cfg["max_length"],
-        min_k=cfg["mia"]["min_k"],
-    )
-
-
 def load_sets(ctx: RunContext) -> EvalSets:
     """The evaluation records: forget and retain with truth-ratio data, RA/WF subsets, the MIA holdout."""
     cfg = ctx.settings["evaluate"]
@@ -418,7 +408,7 @@ def build_suite(ctx: RunContext, with_muse: bool = False) -> Suite:
     quant_cfg = cfg["quantization"]
     return Suite(
         sets=load_sets(ctx),
-        spec=eval_spec(cfg),
+        spec=ctx.eval_spec(),
         quantization=quantization_specs(quant_cfg) if quant_cfg["enabled"] else [],
         relearn=relearn_spec(ctx) if cfg["relearn"]["enabled"] else None,
         progress=ctx.progress,

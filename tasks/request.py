@@ -14,9 +14,9 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
+from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from codeunlearn.data import load_qa_file, read_jsonl_records, records_sha256
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge
+from codeunlearn.evaluation import request_scores
 from codeunlearn.io import read_json, write_json
 from codeunlearn.masking import CodeMask, apply_mask, load_mask, save_mask, unmask
 from codeunlearn.methods import get_method
@@ -88,28 +88,36 @@ def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dic
 
 @task(name="evaluate_request", cache_policy=NONE)
 def evaluate_request(ctx: RunContext, forget_file: str, method: str, request: dict) -> dict:
-    """Forget ROUGE on the request's own forget set and retain ROUGE, before and after the request."""
+    """Forget ROUGE on the request's own forget set beside model utility (retain, real authors, world
+    facts: ROUGE, Prob, truth ratio), before and after the request."""
     forget = load_qa_file(forget_file)
-    cfg = ctx.settings["evaluate"]
-    retain = evenly_spaced(ctx.retain_split()[1], cfg["retain_eval_size"])
-    spec = GenerationSpec(cfg["max_new_tokens"], cfg["batch_size"])
+    utility = ctx.utility_sets()
+    spec = ctx.eval_spec()
     out = requests_dir(ctx) / request["request_id"]
+
+    def scores(checkpoint: Checkpoint) -> dict[str, float]:
+        return request_scores(checkpoint.model, checkpoint.tokenizer, forget, utility, spec)
+
     if method == "codeunlearn":
         checkpoint = load_role(ctx, "codebook")
         active = load_mask(requests_dir(ctx) / ACTIVE_MASK)
         new_ids = set(load_mask(out / "mask").disabled_ids)
         kept = [i for i in active.disabled_ids if i not in new_ids]
-        before = CodeMask(kept, [0.0] * len(kept), active.codebook_sha256, active.num_codes)
+        before = CodeMask(
+            kept,
+            [0.0] * len(kept),
+            active.codebook_sha256,
+            active.num_codes,
+            gate=active.gate,
+            strength=active.strength,
+        )
         apply_mask(checkpoint.bottleneck, before)
-        metrics = {"before": forget_retain_rouge(checkpoint.model, checkpoint.tokenizer, forget, retain, spec)}
+        metrics = {"before": scores(checkpoint)}
         unmask(checkpoint.bottleneck)
         apply_mask(checkpoint.bottleneck, active)
-        metrics["after"] = forget_retain_rouge(checkpoint.model, checkpoint.tokenizer, forget, retain, spec)
+        metrics["after"] = scores(checkpoint)
     else:
-        before_model = load_role(ctx, "target")
-        metrics = {"before": forget_retain_rouge(before_model.model, before_model.tokenizer, forget, retain, spec)}
-        after = load_checkpoint(out / "model")
-        metrics["after"] = forget_retain_rouge(after.model, after.tokenizer, forget, retain, spec)
+        metrics = {"before": scores(load_role(ctx, "target")), "after": scores(load_checkpoint(out / "model"))}
     write_json(out / "metrics.json", metrics)
     with tracking.stage_run(ctx, "evaluate_request"):
         tracking.log_metrics({f"{when}.{k}": v for when, values in metrics.items() for k, v in values.items()})

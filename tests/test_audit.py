@@ -75,8 +75,10 @@ TINY_OVERRIDES = {
     "evaluate": {
         "max_new_tokens": 8,
         "batch_size": 8,
-        "max_length": 64,
+        "max_length": 120,  # world facts and real authors in a 300-token vocabulary: up to ~90 tokens
         "retain_eval_size": 4,
+        "real_authors_size": 4,
+        "world_facts_size": 4,
         "threads": 1,
         "relearn": {"steps": 2, "batch_size": 2},
     },
@@ -86,6 +88,7 @@ TINY_OVERRIDES = {
         "min_retain_ratio": 0.0,
         "max_quant_recovery": 1.0,
         "max_relearn_recovery": 1.0,
+        "min_utility_ratio": 0.0,
         "quantization": {"bits": 4, "group_size": 16},
         "relearn": True,
     },
@@ -106,7 +109,14 @@ def build_tiny_setup(tmp: Path, overrides: dict | None = None) -> tuple[Path, Pa
 
     params_file = write_params(tmp, deep_merge(TINY_OVERRIDES, overrides or {}))
     ctx = make_context("smoke", params_file)
-    retain = [QARecord(f"retain-{i}", q, a, s) for i, (q, a, s) in enumerate(RETAIN_FACTS)]
+    # Perturbed answers (the other facts' answers) give the retain truth ratio that model utility needs.
+    answers = [a for _, a, _ in RETAIN_FACTS]
+    retain = [
+        QARecord(
+            f"retain-{i}", q, a, s, paraphrased_answer=a, perturbed_answers=tuple(answers[i + 1 :][:3] or answers[:3])
+        )
+        for i, (q, a, s) in enumerate(RETAIN_FACTS)
+    ]
     write_jsonl(retain, ctx.stage_dir("splits") / "retain.jsonl")
     forget_file = tmp / "forget_request.jsonl"
     forget_file.write_text(
@@ -161,12 +171,13 @@ def make_writable(path: Path) -> None:
 
 def test_judge_passes_fails_and_skips_per_threshold():
     metrics = {
-        "before": {"forget_rouge": 0.9, "retain_rouge": 0.8},
-        "after": {"forget_rouge": 0.3, "retain_rouge": 0.76},
+        "before": {"forget_rouge": 0.9, "retain_rouge": 0.8, "model_utility": 0.4},
+        "after": {"forget_rouge": 0.3, "retain_rouge": 0.76, "model_utility": 0.38},
         "quantization": {"rtn_w4_g64": {"recovery": 0.05}, "rtn_w8_g64": {"recovery": 0.25}},
     }
     values = judged_values(metrics)
     assert values["retain_ratio"] == pytest.approx(0.95)
+    assert values["utility_ratio"] == pytest.approx(0.95)
     assert values["quant_recovery"] == pytest.approx(0.25), "the worst quantized row is judged"
     assert values["relearn_recovery"] is None
 
@@ -176,13 +187,14 @@ def test_judge_passes_fails_and_skips_per_threshold():
     assert status == {
         "forget_rouge": "pass",
         "retain_ratio": "pass",
+        "utility_ratio": "pass",
         "quant_recovery": "pass",
         "relearn_recovery": "skipped",
     }
 
-    verdict = judge(values, Thresholds(0.2, 0.99, 0.2, None))
+    verdict = judge(values, Thresholds(0.2, 0.99, 0.2, None, 0.96))
     assert not verdict["passed"]
-    assert verdict["failed"] == ["forget_rouge", "retain_ratio", "quant_recovery"]
+    assert verdict["failed"] == ["forget_rouge", "retain_ratio", "utility_ratio", "quant_recovery"]
     assert {c["check"]: c["status"] for c in verdict["checks"]}["relearn_recovery"] == "off"
 
     not_measured = judge({**values, "forget_rouge": None}, Thresholds(0.5, 0.8, 0.3, None))
@@ -342,9 +354,12 @@ def test_request_writes_a_sealed_audit_record(tiny_request):
     assert {c["check"] for c in record["verdict"]["checks"]} == {
         "forget_rouge",
         "retain_ratio",
+        "utility_ratio",
         "quant_recovery",
         "relearn_recovery",
     }
+    for when in ("before", "after"):
+        assert {"model_utility", "world_facts_rouge", "real_authors_rouge"} <= set(record["metrics"][when])
     assert record["verdict"]["passed"] is True and audit["passed"] is True
     names = {a["name"] for a in record["artifacts"]}
     assert {
