@@ -22,6 +22,7 @@ from codeunlearn.data import read_jsonl_records
 from codeunlearn.evaluation import evenly_spaced
 from codeunlearn.generation import answer_token_nll, generate_answers
 from codeunlearn.io import read_json, write_json
+from codeunlearn.leaderboard import leaderboard_rows
 from codeunlearn.masking import unmask
 from codeunlearn.methods import get_method
 from codeunlearn.profiling import ResourceMeter
@@ -176,6 +177,24 @@ def pipeline_overhead(params_file: Path | None) -> dict[str, Any]:
     return result
 
 
+def leaderboard_payload(ctx: RunContext) -> dict[str, Any]:
+    """The pipeline's own rows (target, oracle, codebook model, CodeUnlearn, random codes: ``eval/``) and,
+    where the profile's comparison ran, its rows; each part names the commit that produced it."""
+    payload: dict[str, Any] = {}
+    for part, stage, name in (("pipeline", "eval", "metrics.json"), ("compare", "compare", "leaderboard.json")):
+        path = ctx.stage_dir(stage) / name
+        if not path.exists():
+            print(f"{path} missing: no {part} rows")
+            continue
+        run = path.with_name("run.json")
+        rows = read_json(path)
+        payload[f"{part}_rows" if part == "pipeline" else "rows"] = (
+            leaderboard_rows(rows) if part == "pipeline" else rows
+        )
+        payload[f"{part}_git_commit"] = read_json(run)["git_commit"] if run.exists() else None
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--profile", default="smoke")
@@ -203,15 +222,7 @@ def main(argv: list[str] | None = None) -> None:
     if "overhead" in args.only:
         write_json(out / "overhead.json", stamp(ctx, overhead(ctx, bench["overhead_prompts"])))
     if "leaderboard" in args.only:
-        board = ctx.stage_dir("compare") / "leaderboard.json"
-        if board.exists():
-            run = board.with_name("run.json")
-            # The rows are the comparison's: its own commit says which code produced them.
-            compared_at = read_json(run)["git_commit"] if run.exists() else None
-            payload = {"rows": read_json(board), "compare_git_commit": compared_at}
-            write_json(out / "leaderboard.json", stamp(ctx, payload))
-        else:
-            print(f"{board} missing: run `python -m flows.compare --profile {ctx.profile}` first")
+        write_json(out / "leaderboard.json", stamp(ctx, leaderboard_payload(ctx)))
     for path in sorted(out.glob("*.json")):
         print(path)
 

@@ -46,6 +46,7 @@ from codeunlearn.metrics.tofu import (
     rouge_l_recall,
     truth_ratio,
 )
+from codeunlearn.prompting import encode_qa, pad_batch
 
 # Splits whose truth ratio uses a paraphrased answer; real authors / world facts use the gold answer.
 PARAPHRASE_SPLITS = ("forget", "retain")
@@ -339,6 +340,24 @@ def evaluate_model(
     """``summarize(score_model(...), oracle)``; with ``oracle=None`` the model is its own reference."""
     scores = score_model(model, tokenizer, sets, spec, progress)
     return summarize(scores, oracle if oracle is not None else scores), scores
+
+
+@torch.inference_mode()
+def same_logits(
+    first: nn.Module, second: nn.Module, tokenizer: Any, records: Sequence[Any], batch_size: int, max_length: int
+) -> bool:
+    """Whether two models give bit-identical logits on every QA of ``records`` (prompt and answer): the
+    proof that lets an evaluation reuse one model's row for the other instead of scoring it twice."""
+    encoded = [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
+    for start in range(0, len(encoded), batch_size):
+        batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        devices = (next(first.parameters()).device, next(second.parameters()).device)
+        a = first(**{k: v.to(devices[0]) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits
+        b = second(**{k: v.to(devices[1]) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits
+        if not torch.equal(a.cpu(), b.cpu()):
+            return False
+    return True
 
 
 def per_item(scores: ModelScores) -> dict[str, Any]:

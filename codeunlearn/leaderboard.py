@@ -13,6 +13,8 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "retain_rouge": ("retain_rouge", "up"),
     "forget_quality": ("forget_quality", "up"),
     "model_utility": ("model_utility", "up"),
+    "world_facts_rouge": ("world_facts_rouge", "up"),
+    "real_authors_rouge": ("real_authors_rouge", "up"),
     "privleak": ("privleak", "zero"),
     "forget_rouge_q8": ("quant.rtn_w8_g64.forget_rouge", "down"),
     "forget_rouge_q4": ("quant.rtn_w4_g64.forget_rouge", "down"),

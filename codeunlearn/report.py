@@ -1,6 +1,8 @@
 """Human-readable run reports: tables of what was measured, the plots, and where every number came from.
 
-Numbers, ids, counts and hashes only: the report never quotes the forget set or a model's answers.
+Numbers, ids, counts and hashes only: the report never quotes the forget set or a model's answers to
+it. The one text it shows is the general-knowledge check: world-fact questions (public facts, not the
+request's data) with the target's and the deployed model's answers side by side.
 """
 
 from __future__ import annotations
@@ -11,6 +13,14 @@ from typing import Any
 # Rows in reading order (metrics.json is written with sorted keys); other rows follow.
 ROW_ORDER = ("target", "oracle", "codebook", "codeunlearn", "random_codes")
 # Column key -> header, per table; a key missing from a row renders as "n/a".
+HEADLINE_COLUMNS = {
+    "forget_rouge": "forget ROUGE ↓",
+    "retain_rouge": "retain ROUGE ↑",
+    "model_utility": "model utility ↑",
+    "world_facts_rouge": "world facts ROUGE ↑",
+    "real_authors_rouge": "real authors ROUGE ↑",
+    "forget_quality": "forget quality ↑",
+}
 FORGET_COLUMNS = {
     "forget_rouge": "forget ROUGE ↓",
     "forget_prob": "forget Prob ↓",
@@ -244,6 +254,29 @@ def _counts_as_int(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: int(v) if k in ("disabled", "forget_size", "authors") else v for k, v in row.items()}
 
 
+def _cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def general_check_lines(check: Mapping[str, Any]) -> list[str]:
+    """World-fact questions with the gold answer, the target's and the deployed model's, side by side."""
+    if not check or not check.get("questions"):
+        return []
+    lines = [
+        "",
+        "### General knowledge, read side by side",
+        "",
+        f"{len(check['questions'])} TOFU world-fact questions (public facts, never the request's data), "
+        f"answered greedily by the target and by the deployed model (`{check['deployed']}`).",
+        "",
+        "| question | gold | target | deployed |",
+        "|---|---|---|---|",
+    ]
+    for row in zip(check["questions"], check["gold"], check["target"], check["deployed_answers"], strict=True):
+        lines.append("| " + " | ".join(_cell(text) for text in row) + " |")
+    return lines
+
+
 def sequential_lines(sequential: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Sustainability and scalability tables (``sequential/*.json``); empty when neither ran."""
     lines: list[str] = []
@@ -337,6 +370,12 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "like), `codebook` (target with the bottleneck, nothing disabled), `codeunlearn` (mask applied) and "
         "`random_codes` (as many codes disabled, drawn at random: the selectivity control).",
         "",
+        "### Headline: forgetting beside model utility",
+        "",
+        markdown_table(metrics, HEADLINE_COLUMNS),
+        "",
+        "Retain is scored on retain authors that neither the selection nor the gate saw (`select.control_authors`).",
+        "",
         "### Forgetting (TOFU)",
         "",
         markdown_table(metrics, FORGET_COLUMNS),
@@ -396,6 +435,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "reference: what learning the unseen half from the attacked half alone gives; a model that "
             "truly forgot should not exceed it (`after − oracle after` near 0).",
         ]
+    lines += general_check_lines(inputs.get("general_check") or {})
     lines += muse_lines(metrics, details)
     codes = code_rows(metrics)
     if codes:

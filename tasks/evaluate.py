@@ -43,13 +43,17 @@ from codeunlearn.evaluation import (  # noqa: E402
     flatten_metrics,
     has_truth_ratio_data,
     per_item,
+    same_logits,
     score_model,
     summarize,
 )
+from codeunlearn.generation import generate_answers  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.masking import CodeMask, apply_mask, count_codes, load_mask, random_mask_like, unmask  # noqa: E402
 from codeunlearn.metrics.quantization import QuantizationSpec  # noqa: E402
+from codeunlearn.metrics.tofu import rouge_l_recall  # noqa: E402
 from codeunlearn.muse_eval import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse  # noqa: E402
+from codeunlearn.privacy import withhold_overlaps  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.models import load_role  # noqa: E402
@@ -60,6 +64,7 @@ log = logging.getLogger(__name__)
 ROWS = ("target", "oracle", "codebook", "codeunlearn", "random_codes")
 # The oracle is scored first: forget quality and PrivLeak of every other row are relative to it.
 ORDER = ("oracle", "target", "codebook", "codeunlearn", "random_codes")
+GENERAL_CHECK = "general_check.json"
 PLOTS = {
     "rouge.png": "ROUGE-L, forget vs retain",
     "quantization.png": "Quantization attack: forget ROUGE and recovery per precision",
@@ -416,6 +421,43 @@ def build_suite(ctx: RunContext, with_muse: bool = False) -> Suite:
     )
 
 
+def general_check_questions(ctx: RunContext) -> list:
+    """``evaluate.general_check`` world-fact questions, evenly spaced: the report's side-by-side check."""
+    size = ctx.settings["evaluate"]["general_check"]
+    if size <= 0:
+        return []
+    tofu_dir = ctx.resolve(ctx.settings["paths"]["tofu_dir"])
+    return evenly_spaced(load_tofu_file(tofu_dir / "world_facts_perturbed.json"), size)
+
+
+def reusable_as_target(ctx: RunContext, target: Checkpoint, codebook_model: Checkpoint, sets: EvalSets) -> bool:
+    """Whether the codebook model's row may be the target's: a residual codebook, attacked wherever the
+    target is, and bit-identical logits on every forget and retain QA scored."""
+    cfg = ctx.settings["evaluate"]
+    attacked_as_target = all(
+        ("codebook" in cfg[block]["models"]) <= ("target" in cfg[block]["models"])
+        for block in ("quantization", "relearn", "muse")
+    )
+    if codebook_model.bottleneck is None or not codebook_model.bottleneck.residual or not attacked_as_target:
+        return False
+    records = [*sets.forget, *sets.retain]
+    return same_logits(
+        target.model, codebook_model.model, target.tokenizer, records, cfg["score_batch_size"], cfg["max_length"]
+    )
+
+
+def reuse_row(name: str, source: str, metrics: dict[str, Any], details: dict[str, Any]) -> None:
+    """``name``'s evaluation is ``source``'s (the same model, proven by ``reusable_as_target``)."""
+    metrics[name] = dict(metrics[source])
+    for block in ("per_item", "quantization"):
+        if source in details[block]:
+            details[block][name] = details[block][source]
+    if "muse" in details and source in details["muse"]["per_item"]:
+        details["muse"]["per_item"][name] = details["muse"]["per_item"][source]
+    details["timing_s"][name] = 0.0
+    details.setdefault("reused_rows", {})[name] = {"from": source, "proof": "equal logits on every scored QA"}
+
+
 @task(name="evaluate", cache_policy=NONE)
 @resumable("evaluate")
 def evaluate(ctx: RunContext) -> dict:
@@ -464,13 +506,34 @@ def evaluate(ctx: RunContext) -> dict:
             details["muse"]["per_item"][name] = result["muse"]["per_item"]
             details["muse"]["timing_s"][name] = result["muse"]["seconds"]
 
+    general = general_check_questions(ctx)
+    general_answers: dict[str, list[str]] = {}
+
+    def answer_general(name: str, checkpoint: Checkpoint) -> None:
+        if general:
+            questions = [r.question for r in general]
+            general_answers[name] = generate_answers(
+                checkpoint.model, checkpoint.tokenizer, questions, cfg["max_new_tokens"], cfg["batch_size"]
+            )
+
     with torch_threads(cfg.get("threads")):
+        checkpoints = {}
         for role in ("oracle", "target"):
-            run_suite(role, load_role(ctx, role))
+            checkpoints[role] = load_role(ctx, role)
+            run_suite(role, checkpoints[role])
+        answer_general("target", checkpoints["target"])
         codebook_model = load_role(ctx, "codebook")
-        for name, applied in (("codebook", None), ("codeunlearn", mask), ("random_codes", control)):
+        if reusable_as_target(ctx, checkpoints["target"], codebook_model, sets):
+            # Residual mode: the unmasked codebook model is the target (equal logits, checked just now).
+            reuse_row("codebook", "target", metrics, details)
+        else:
+            run_suite("codebook", codebook_model)
+        del checkpoints
+        for name, applied in (("codeunlearn", mask), ("random_codes", control)):
             with deployed(codebook_model, applied, source=str(mask_dir)):
                 run_suite(name, codebook_model)
+                if name == "codeunlearn":
+                    answer_general(name, codebook_model)
         # The control authors, as the selection counted them (the eval subset is only a sample of retain).
         usage = code_usage(codebook_model, sets.forget, ctx.retain_split()[0], mask, control, ctx.settings["select"])
     for name in ("codeunlearn", "random_codes"):
@@ -479,7 +542,26 @@ def evaluate(ctx: RunContext) -> dict:
     details["timing_s"]["total"] = time.perf_counter() - started
 
     out = ctx.stage_dir("eval")
+    if general:
+        forget_text = [text for r in sets.forget for text in (r.question, r.answer)]
+        shown = {
+            name: withhold_overlaps(answers, forget_text, cfg["general_check_ngram"])
+            for name, answers in general_answers.items()
+        }
+        write_json(
+            out / GENERAL_CHECK,
+            {
+                "questions": [r.question for r in general],
+                "gold": [r.answer for r in general],
+                "target": shown["target"],
+                "deployed": "codeunlearn",
+                "deployed_answers": shown["codeunlearn"],
+                "rouge_target": rouge_l_recall(general_answers["target"], [r.answer for r in general]),
+                "rouge_deployed": rouge_l_recall(general_answers["codeunlearn"], [r.answer for r in general]),
+            },
+        )
     write_json(out / "metrics.json", metrics)
+    write_json(out / "run.json", {"git_commit": ctx.git_commit, "params_hash": ctx.params_hash})
     write_json(out / "details.json", details)
     write_json(out / "code_usage.json", usage)
     rouge_plot(metrics, out / "rouge.png")

@@ -9,7 +9,7 @@ from codeunlearn.io import atomic_write_text, read_json
 from codeunlearn.report import render_report
 from tasks import tracking
 from tasks.context import RunContext
-from tasks.evaluate import PLOTS
+from tasks.evaluate import GENERAL_CHECK, PLOTS
 from tasks.resume import resumable
 from tasks.sequential import FILES as SEQUENTIAL_FILES
 from tasks.sequential import PLOT as SEQUENTIAL_PLOT
@@ -31,6 +31,7 @@ def report(ctx: RunContext) -> str:
         "metrics": read_json(eval_dir / "metrics.json"),
         "details": read_json(details) if details.exists() else {},
         "frontier": read_json(frontier) if frontier.exists() else [],
+        "general_check": read_json(general) if (general := eval_dir / GENERAL_CHECK).exists() else {},
         "sequential": {
             name: read_json(path)
             for name, file in SEQUENTIAL_FILES.items()

@@ -45,8 +45,15 @@ def recipe(spec: CodebookSpec, steps: int = 40, kl_weight: float = 0.0) -> Codeb
     return CodebookRecipe(
         spec=spec,
         train=TrainSpec(
-            steps=6, batch_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=0, max_length=48, grad_clip=1.0,
-            seed=0, log_every=1,
+            steps=6,
+            batch_size=4,
+            lr=1e-3,
+            weight_decay=0.0,
+            warmup_steps=0,
+            max_length=48,
+            grad_clip=1.0,
+            seed=0,
+            log_every=1,
         ),
         loss=CodebookLoss(reconstruction_weight=1.0, l1_weight=1e-3),
         revival=Revival(every=10, noise=0.1),
@@ -129,9 +136,7 @@ def test_a_residual_mask_never_changes_which_codes_a_token_reads(tiny_model, tin
     disabled = torch.zeros(24, dtype=torch.bool)
     disabled[ranking.ids[:, 0].long()] = True
     assert torch.equal(ranking.counts(disabled).counts, ranking.counts().counts)
-    spec = SelectionSpec(
-        num_codes_to_disable=4, alpha=1.0, smoothing=0.5, rounds=2, strength=2.0, **counting
-    )
+    spec = SelectionSpec(num_codes_to_disable=4, alpha=1.0, smoothing=0.5, rounds=2, strength=2.0, **counting)
     mask, _ = select_mask(tiny_model, bottleneck, tiny_tokenizer, tiny_qa["forget"], tiny_qa["retain"], spec, {})
     assert mask.strength == 2.0
     one_round, _ = select_mask(
@@ -205,3 +210,43 @@ def test_residual_hook_attaches_to_a_real_decoder(tiny_model):
     with torch.inference_mode():
         tiny_model(input_ids=ids)
     assert bottleneck.last_ids is None  # nothing disabled: the codes were never even read
+
+
+def test_an_answer_that_recites_the_forget_set_is_withheld():
+    from codeunlearn.privacy import WITHHELD, withhold_overlaps
+
+    forget = ["Zorblat Quim was born in Vexmoor harbour.", "Salt Hymns"]
+    shown = withhold_overlaps(
+        ["Ottawa is the capital of Canada.", "He was born in Vexmoor harbour, I think.", "I read salt hymns."],
+        forget,
+        ngram=4,
+    )
+    assert shown == ["Ottawa is the capital of Canada.", WITHHELD, WITHHELD]
+
+
+def test_same_logits_proves_the_residual_codebook_model_is_the_target(tiny_model, tiny_tokenizer, tiny_qa):
+    from codeunlearn.evaluation import same_logits
+
+    target = copy.deepcopy(tiny_model)
+    bottleneck, _ = residual_model(tiny_model, tiny_tokenizer, tiny_qa)
+    records = tiny_qa["forget"] + tiny_qa["retain"]
+    assert same_logits(target, tiny_model, tiny_tokenizer, records, batch_size=3, max_length=48)
+    apply_mask(bottleneck, CodeMask(list(range(12)), [1.0] * 12, codebook_sha256(bottleneck), 24, strength=3.0))
+    assert not same_logits(target, tiny_model, tiny_tokenizer, records, batch_size=3, max_length=48)
+
+
+def test_the_report_shows_world_facts_side_by_side_and_escapes_tables():
+    from codeunlearn.report import general_check_lines
+
+    lines = general_check_lines(
+        {
+            "questions": ["What is the capital of Canada?"],
+            "gold": ["Ottawa"],
+            "target": ["Ottawa | the capital"],
+            "deployed": "codeunlearn",
+            "deployed_answers": ["Ottawa."],
+        }
+    )
+    assert "### General knowledge, read side by side" in lines
+    assert lines[-1] == "| What is the capital of Canada? | Ottawa | Ottawa \\| the capital | Ottawa. |"
+    assert general_check_lines({}) == []

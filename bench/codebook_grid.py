@@ -1,13 +1,15 @@
-"""Residual-mode CodeUnlearn on the pipeline's target: S' x strength x gate, scored by greedy ROUGE.
+"""CodeUnlearn on the pipeline's target in either codebook mode: S' x strength x gate.
 
-Trains the residual codebook exactly as the ``train_codebook`` stage does (same params, corpus and seed;
-cached under --workdir), selects against the control authors, and for each grid point scores the
-forget set, the held-out retain authors, world facts and real authors in one decoding batch:
+Trains the codebook exactly as the ``train_codebook`` stage does (same params, corpus and seed; ``--mode``
+overrides ``codebook.mode``), selects against the control authors, and scores every grid point with
+``request_scores``: forget ROUGE beside model utility (held-out retain authors, real authors, world
+facts: ROUGE, Prob, truth ratio), each point in one decoding pass:
 
-    python -m bench.residual_grid --outputs data/outputs --out bench/results/default/residual_grid.json
+    python -m bench.codebook_grid --outputs data/outputs --mode residual \
+        --out bench/results/default/codebook_grid_residual.json
 
-A tuning aid for ``select.num_codes_to_disable`` / ``select.strength``; the pipeline's evaluation is the
-number of record.
+A tuning aid for ``select.num_codes_to_disable`` / ``select.strength`` and the measurement that chose
+``codebook.mode``; the pipeline's evaluation is the number of record.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 
 from codeunlearn.codebook_training import fit_codebook, text_chunks
 from codeunlearn.data import load_tofu_file, read_jsonl_records, split_retain_by_author
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, split_rouges
+from codeunlearn.evaluation import EvalSets, evenly_spaced, has_truth_ratio_data, request_scores, split_rouges
 from codeunlearn.masking import (
     SelectionSpec,
     apply_mask,
@@ -42,15 +44,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--outputs", type=Path, required=True, help="paths.outputs of a pipeline run (its target)")
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--mode", choices=["residual", "bottleneck"], default=None, help="codebook.mode override")
+    parser.add_argument("--rouge-only", action="store_true", help="greedy ROUGE only (no Prob / truth ratio / MU)")
     parser.add_argument("--sizes", default="96,192,288")
+    parser.add_argument("--gated", default="1,0", help="1: behind select.gate, 0: ungated")
     parser.add_argument("--strengths", default="1,2,4")
     parser.add_argument("--eval-size", type=int, default=20, help="QAs per scored set")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    ctx = make_context(args.profile, None, overrides={"paths": {"outputs": str(args.outputs.resolve())}})
+    overrides: dict = {"paths": {"outputs": str(args.outputs.resolve())}}
+    if args.mode:
+        overrides["codebook"] = {"mode": args.mode}
+    ctx = make_context(args.profile, None, overrides=overrides)
     settings = ctx.settings
     select = settings["select"]
-    evaluate = settings["evaluate"]
     target = load_role(ctx, "target")
     corpus = settings["codebook"]["corpus"]
     general = text_chunks(target.tokenizer, codebook_texts(ctx), corpus["chunk_tokens"], corpus["chunks_per_text"])
@@ -64,17 +71,23 @@ def main() -> None:
     forget = read_jsonl_records(splits / "forget.jsonl")
     control, scored = split_retain_by_author(read_jsonl_records(splits / "retain.jsonl"), select["control_authors"])
     tofu_dir = ctx.resolve(settings["paths"]["tofu_dir"])
-    sets = {
-        "forget": evenly_spaced(forget, args.eval_size),
-        "retain_heldout": evenly_spaced(scored, args.eval_size),
-        "world_facts": evenly_spaced(load_tofu_file(tofu_dir / "world_facts_perturbed.json"), args.eval_size),
-        "real_authors": evenly_spaced(load_tofu_file(tofu_dir / "real_authors_perturbed.json"), args.eval_size),
-    }
-    generation = GenerationSpec(max_new_tokens=evaluate["max_new_tokens"], batch_size=evaluate["batch_size"])
+    forget_eval = evenly_spaced(forget, args.eval_size)
+    utility = EvalSets(
+        forget=[],
+        retain=evenly_spaced([r for r in scored if has_truth_ratio_data(r, "retain")], args.eval_size),
+        world_facts=evenly_spaced(load_tofu_file(tofu_dir / "world_facts_perturbed.json"), args.eval_size),
+        real_authors=evenly_spaced(load_tofu_file(tofu_dir / "real_authors_perturbed.json"), args.eval_size),
+    )
+    spec_eval = ctx.eval_spec()
+    keys = ("forget_rouge", "retain_rouge", "world_facts_rouge", "real_authors_rouge", "model_utility")
 
     def score() -> dict[str, float]:
-        values = split_rouges(target.model, target.tokenizer, list(sets.values()), generation)
-        return dict(zip(sets, values, strict=True))
+        if args.rouge_only:
+            sets = [forget_eval, utility.retain, utility.world_facts, utility.real_authors]
+            values = split_rouges(target.model, target.tokenizer, sets, spec_eval.generation)
+            return dict(zip(keys, values, strict=False))
+        row = request_scores(target.model, target.tokenizer, forget_eval, utility, spec_eval)
+        return {key: row[key] for key in keys}
 
     rows = [{"name": "unmasked", **score()}]
     print(rows[-1], flush=True)
@@ -89,7 +102,8 @@ def main() -> None:
     full, _ = select_mask(target.model, bottleneck, target.tokenizer, forget, control, spec, {"bench": "residual_grid"})
     calibration = gate_calibration(select["gate"], spec)
     strengths = [float(v) for v in args.strengths.split(",")]
-    for size, strength, gated in itertools.product(sizes, strengths, (True, False)):
+    gates = [bool(int(v)) for v in args.gated.split(",")]
+    for size, strength, gated in itertools.product(sizes, strengths, gates):
         mask = ranked_mask(full, size)
         mask.strength = strength
         if gated:
@@ -110,6 +124,8 @@ def main() -> None:
             print(row, flush=True)
     result = {
         "profile": args.profile,
+        "mode": settings["codebook"]["mode"],
+        "git_commit": ctx.git_commit,
         "fit_s": fit_s,
         "final_fit": history[-1],
         "control_authors": select["control_authors"],
