@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
 from codeunlearn.codebook_training import fit_codebook, text_chunks
 from codeunlearn.data import load_tofu_file, read_jsonl_records, split_retain_by_author
 from codeunlearn.evaluation import EvalSets, evenly_spaced, has_truth_ratio_data, request_scores, split_rouges
@@ -51,6 +52,8 @@ def main() -> None:
     parser.add_argument("--strengths", default="1,2,4")
     parser.add_argument("--eval-size", type=int, default=20, help="QAs per scored set")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--codebook", type=Path, default=None, help="cache: load the codebook here, or save it")
+    parser.add_argument("--quantiles", default=None, help="gate quantiles to try (default: select.gate's)")
     args = parser.parse_args()
     overrides: dict = {"paths": {"outputs": str(args.outputs.resolve())}}
     if args.mode:
@@ -62,9 +65,19 @@ def main() -> None:
     corpus = settings["codebook"]["corpus"]
     general = text_chunks(target.tokenizer, codebook_texts(ctx), corpus["chunk_tokens"], corpus["chunks_per_text"])
     started = time.perf_counter()
-    bottleneck, history = fit_codebook(
-        target.model, target.tokenizer, codebook_records(ctx), general, codebook_recipe(ctx), progress=True
-    )
+    if args.codebook and (args.codebook / CODEBOOK_SPEC).exists():
+        bottleneck = load_codebook(args.codebook)
+        attach_codebook(target.model, bottleneck)
+        logged = [args.codebook / name for name in ("history.json", "training.json")]
+        history = next((json.loads(path.read_text()) for path in logged if path.exists()), [])
+        history = history["history"] if isinstance(history, dict) else history
+    else:
+        bottleneck, history = fit_codebook(
+            target.model, target.tokenizer, codebook_records(ctx), general, codebook_recipe(ctx), progress=True
+        )
+        if args.codebook:
+            save_codebook(bottleneck, args.codebook)
+            (args.codebook / "history.json").write_text(json.dumps(history))
     fit_s = time.perf_counter() - started
 
     splits = ctx.stage_dir("splits")
@@ -100,23 +113,22 @@ def main() -> None:
         }
     )
     full, _ = select_mask(target.model, bottleneck, target.tokenizer, forget, control, spec, {"bench": "residual_grid"})
-    calibration = gate_calibration(select["gate"], spec)
     strengths = [float(v) for v in args.strengths.split(",")]
-    gates = [bool(int(v)) for v in args.gated.split(",")]
-    for size, strength, gated in itertools.product(sizes, strengths, gates):
+    quantiles = [float(v) for v in args.quantiles.split(",")] if args.quantiles else [select["gate"]["quantile"]]
+    gates = [None if not int(v) else q for v in args.gated.split(",") for q in (quantiles if int(v) else [None])]
+    for size, strength, quantile in itertools.product(sizes, strengths, gates):
         mask = ranked_mask(full, size)
         mask.strength = strength
-        if gated:
+        if quantile is not None:
+            calibration = gate_calibration({**select["gate"], "quantile": quantile}, spec)
             mask = gate_mask(target.model, bottleneck, target.tokenizer, mask, control, calibration)
-        for name, applied in (
-            ("codeunlearn", mask),
-            ("random_codes", random_mask_like(mask, np.random.default_rng(0))),
-        ):
-            if name == "random_codes" and (gated or strength != max(strengths)):
-                continue  # one ungated random control per size, at the strongest strength
+        masks = [("codeunlearn", mask)]
+        if strength == max(strengths):  # the matched control: random codes, same gate, same strength
+            masks.append(("random_codes", random_mask_like(mask, np.random.default_rng(settings["seed"]))))
+        for name, applied in masks:
             apply_mask(bottleneck, applied)
             try:
-                row = {"name": name, "size": size, "strength": strength, "gated": gated and name == "codeunlearn"}
+                row = {"name": name, "size": size, "strength": strength, "gate_quantile": quantile}
                 row.update(score())
             finally:
                 unmask(bottleneck)
@@ -127,7 +139,7 @@ def main() -> None:
         "mode": settings["codebook"]["mode"],
         "git_commit": ctx.git_commit,
         "fit_s": fit_s,
-        "final_fit": history[-1],
+        "final_fit": history[-1] if history else None,
         "control_authors": select["control_authors"],
         "eval_size": args.eval_size,
         "rows": rows,

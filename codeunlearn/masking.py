@@ -607,7 +607,9 @@ def ranked_mask(mask: CodeMask, size: int) -> CodeMask:
 
 
 def random_mask_like(mask: CodeMask, generator: np.random.Generator, exclude: Sequence[int] = ()) -> CodeMask:
-    """The matched control: as many codes as ``mask``, drawn uniformly from the codes it did not pick."""
+    """The matched control: as many codes as ``mask``, drawn uniformly from the codes it did not pick,
+    behind the same gate (the same watched codes and threshold, so it acts on the same sequences): the
+    control isolates which codes are removed from when they are."""
     pool = np.setdiff1d(np.arange(mask.num_codes), np.asarray([*mask.disabled_ids, *exclude], dtype=int))
     ids = np.sort(generator.choice(pool, size=min(len(mask.disabled_ids), len(pool)), replace=False))
     return CodeMask(
@@ -616,5 +618,6 @@ def random_mask_like(mask: CodeMask, generator: np.random.Generator, exclude: Se
         codebook_sha256=mask.codebook_sha256,
         num_codes=mask.num_codes,
         provenance={"control": "random", "matched_to": len(mask.disabled_ids)},
+        gate=mask.gate,
         strength=mask.strength,
     )
