@@ -35,6 +35,8 @@ def provenance(payload: dict[str, Any]) -> str:
     load_text = f", load average {load:.1f}" if load is not None else ""
     compared = payload.get("compare_git_commit")
     rows_from = f"; rows from the comparison at commit {compared[:10]}" if compared else ""
+    if pipeline := payload.get("pipeline_git_commit"):
+        rows_from += f"; pipeline rows from the pipeline's evaluation at commit {pipeline[:10]}"
     return (
         f"_{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}{load_text}; "
         f"commit {payload['git_commit'][:10]}{rows_from}_"
@@ -48,12 +50,23 @@ def section(title: str, path: Path, render) -> list[str]:
     return [f"#### {title}", "", render(payload), "", provenance(payload), ""]
 
 
+def leaderboard_tables(payload: dict[str, Any]) -> str:
+    """The pipeline's own rows (target, oracle, codebook model, CodeUnlearn, random codes), then the
+    comparison's, each where measured."""
+    parts = []
+    if payload.get("pipeline_rows"):
+        parts += ["Pipeline (`python -m flows.pipeline`):", "", to_markdown(payload["pipeline_rows"])]
+    if payload.get("rows"):
+        parts += ["Comparison (`python -m flows.compare`):", "", to_markdown(payload["rows"])]
+    return "\n".join(parts) if parts else "no rows"
+
+
 def tables(profile: str) -> str:
     out = RESULTS / profile
     parts = [
         *section("Request latency (s)", out / "latency.json", lambda p: key_value_table(p, LATENCY_KEYS)),
         *section("Codebook overhead", out / "overhead.json", lambda p: key_value_table(p, OVERHEAD_KEYS)),
-        *section("Leaderboard", out / "leaderboard.json", lambda p: to_markdown(p["rows"])),
+        *section("Leaderboard", out / "leaderboard.json", leaderboard_tables),
         *section(
             "Pipeline (smoke flow vs library; end to end per profile)",
             RESULTS / "pipeline.json",
