@@ -94,6 +94,8 @@ SCALABILITY_COLUMNS = {
     "retain_rouge": "retain ↑",
     "random_forget_rouge": "random: forget",
     "random_retain_rouge": "random: retain",
+    "model_utility": "model utility ↑",
+    "world_facts_rouge": "world facts ↑",
 }
 CODE_COLUMNS = {
     "masked_usage_forget": "forget code slots disabled",

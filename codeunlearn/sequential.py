@@ -228,16 +228,19 @@ def scalability(
     random_control: bool,
     seed: int,
     codes_per_author: int | None = None,
+    utility: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """One request per forget-set size, each from the unmasked model; S' is the selection's, or
-    ``codes_per_author`` x authors. Returns ``baseline`` and ``rows`` (``muse.scalability_table``,
-    ``forget_size`` in QAs). The bottleneck is left unmasked."""
+    ``codes_per_author`` x authors. ``utility`` (optional) measures the model as it stands (e.g. TOFU
+    model utility, world-facts and real-authors ROUGE); its numbers join the baseline and each
+    CodeUnlearn row. Returns ``baseline`` and ``rows`` (``muse.scalability_table``, ``forget_size`` in
+    QAs). The bottleneck is left unmasked."""
     bottleneck = select.bottleneck
     evals = [evenly_spaced(step, forget_eval_size) for step in plan.steps]
     retain = evenly_spaced(plan.retain, retain_eval_size)
     rng = np.random.default_rng(seed)
     unmask(bottleneck)
-    baseline = {"retain_rouge": score([retain])[0]}
+    baseline = {"retain_rouge": score([retain])[0], **(utility() if utility else {})}
     results: list[dict[str, float]] = []
     try:
         for index, forget in enumerate(plan.steps):
@@ -257,6 +260,7 @@ def scalability(
                 "forget_rouge": after,
                 "retain_rouge": retain_after,
                 "select_s": select_s,
+                **(utility() if utility else {}),
             }
             if random_control:
                 unmask(bottleneck)

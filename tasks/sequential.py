@@ -22,7 +22,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 
 from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, split_rouges  # noqa: E402
+from codeunlearn.evaluation import GenerationSpec, request_scores, split_rouges  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
 from codeunlearn.sequential import (  # noqa: E402
@@ -42,6 +42,7 @@ from tasks.resume import resumable  # noqa: E402
 log = logging.getLogger(__name__)
 
 FILES = {"sustainability": "sustainability.json", "scalability": "scalability.json"}
+UTILITY_KEYS = ("model_utility", "world_facts_rouge", "real_authors_rouge")
 PLOT = "sequential.png"
 
 
@@ -142,6 +143,12 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
             selector, plan, score, sus["forget_eval_size"], sus["retain_eval_size"], sus["random_control"], seed
         )
 
+    utility_sets, spec = ctx.utility_sets(), ctx.eval_spec()
+
+    def utility() -> dict[str, float]:
+        row = request_scores(checkpoint.model, checkpoint.tokenizer, [], utility_sets, spec)
+        return {key: row[key] for key in UTILITY_KEYS if key in row}
+
     def run_scalability() -> dict[str, Any]:
         plan = scalability_plan(authors, scal["authors"])
         return scalability(
@@ -153,6 +160,7 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
             scal["random_control"],
             seed,
             scal["codes_per_author"],
+            utility if scal["utility"] else None,
         )
 
     with torch_threads(cfg.get("threads")):

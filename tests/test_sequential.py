@@ -255,3 +255,29 @@ def test_report_shows_both_curves_and_says_why_one_did_not_run():
     assert "- 5 requests asked, 2 fit" in text
     assert "Not run: scalability: no size in [5]" in text
     assert "### Sustainability" not in render_report(report_inputs(metrics, {}), {})
+
+
+def test_scalability_measures_utility_under_each_sizes_mask(selector):
+    plan = scalability_plan(group_by_subject(author_records()), [1, 2])
+    scorer = Recorder(selector.bottleneck)
+    seen: list[int] = []
+
+    def utility() -> dict[str, float]:
+        seen.append(int(selector.bottleneck.disabled.sum()))
+        return {"model_utility": 0.5 - 0.01 * seen[-1]}
+
+    result = scalability(
+        selector,
+        plan,
+        scorer,
+        forget_eval_size=4,
+        retain_eval_size=0,
+        random_control=False,
+        seed=0,
+        codes_per_author=3,
+        utility=utility,
+    )
+    rows = result["rows"]
+    assert seen[0] == 0 and result["baseline"]["model_utility"] == 0.5  # the unmasked model first
+    assert seen[1:] == [int(row["disabled"]) for row in rows]  # then each size under its own mask
+    assert [row["model_utility"] for row in rows] == [0.5 - 0.01 * n for n in seen[1:]]
