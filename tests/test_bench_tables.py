@@ -41,3 +41,30 @@ def test_leaderboard_names_the_commit_of_the_comparison_its_rows_come_from(tmp_p
     text = tables.tables("default")
     assert "| ga | 0.250 | n/a |" in text
     assert "commit bench00000; rows from the comparison at commit compare111_" in text
+
+
+def test_leaderboard_shows_the_pipelines_rows_with_model_utility_beside_forgetting(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    from codeunlearn.leaderboard import COLUMNS, leaderboard_rows
+
+    assert {"model_utility", "world_facts_rouge", "real_authors_rouge"} <= set(COLUMNS)
+    rows = leaderboard_rows(
+        {
+            "codeunlearn": {
+                "forget_rouge": 0.2,
+                "model_utility": 0.3,
+                "world_facts_rouge": 0.4,
+                "real_authors_rouge": 0.5,
+            }
+        }
+    )
+    write_json(
+        tables.RESULTS / "default" / "leaderboard.json",
+        {"pipeline_rows": rows, "pipeline_git_commit": "pipe22222222", "machine": MACHINE, "git_commit": "b" * 12},
+    )
+    text = tables.tables("default")
+    assert "Pipeline (`python -m flows.pipeline`):" in text and "Comparison" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| method |"))
+    assert "model_utility ↑ | world_facts_rouge ↑ | real_authors_rouge ↑" in header
+    assert "| codeunlearn | 0.200 | n/a | n/a | 0.300 | 0.400 | 0.500 |" in text
+    assert "pipeline rows from the pipeline's evaluation at commit pipe222222" in text
