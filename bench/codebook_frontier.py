@@ -54,9 +54,24 @@ def main(argv: list[str] | None = None) -> None:
                 )
         ax.scatter([], [], s=30, color=colour, label=f"{mode}: CodeUnlearn (S', c, gate)")
         ax.scatter([], [], s=40, facecolors="none", edgecolors=colour, label=f"{mode}: random codes, same gate")
-    metrics_file = make_context(args.profile).stage_dir("eval") / "metrics.json"
+    ctx = make_context(args.profile)
+    metrics_file = ctx.stage_dir("eval") / "metrics.json"
     if metrics_file.exists():
         metrics = read_json(metrics_file)
+        mode = read_json(ctx.stage_dir("models") / "codebook" / "training.json").get("mode", "bottleneck")
+        mask = read_json(ctx.stage_dir("mask") / "mask.json")
+        colour = COLOURS[mode]
+        deployed = (metrics["codeunlearn"]["forget_rouge"], metrics["codeunlearn"]["model_utility"])
+        ax.scatter(*deployed, s=90, marker="D", color=colour, label=f"{mode}: the pipeline's mask (full evaluation)")
+        ax.annotate(
+            f"{mask['count']}, c={mask.get('strength', 1.0):g}, gated",
+            deployed,
+            fontsize=6,
+            xytext=(3, -8),
+            textcoords="offset points",
+        )
+        control = (metrics["random_codes"]["forget_rouge"], metrics["random_codes"]["model_utility"])
+        ax.scatter(*control, s=90, marker="D", facecolors="none", edgecolors=colour)
         ax.axhline(
             metrics["target"]["model_utility"],
             color="0.3",

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=20, help="QAs per scored set")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--codebook", type=Path, default=None, help="cache: load the codebook here, or save it")
+    parser.add_argument("--random-every", action="store_true", help="a random control at every strength")
     parser.add_argument("--quantiles", default=None, help="gate quantiles to try (default: select.gate's)")
     args = parser.parse_args()
     overrides: dict = {"paths": {"outputs": str(args.outputs.resolve())}}
@@ -123,7 +124,7 @@ def main() -> None:
             calibration = gate_calibration({**select["gate"], "quantile": quantile}, spec)
             mask = gate_mask(target.model, bottleneck, target.tokenizer, mask, control, calibration)
         masks = [("codeunlearn", mask)]
-        if strength == max(strengths):  # the matched control: random codes, same gate, same strength
+        if args.random_every or strength == max(strengths):  # the matched control: random codes, same gate
             masks.append(("random_codes", random_mask_like(mask, np.random.default_rng(settings["seed"]))))
         for name, applied in masks:
             apply_mask(bottleneck, applied)
