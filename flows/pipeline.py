@@ -11,7 +11,15 @@ from tasks import tracking
 from tasks.context import make_context
 from tasks.stages import PIPELINE
 
-HEADLINE = ("forget_rouge", "retain_rouge", "forget_quality", "model_utility", "privleak")
+HEADLINE = (
+    "forget_rouge",
+    "retain_rouge",
+    "model_utility",
+    "world_facts_rouge",
+    "real_authors_rouge",
+    "forget_quality",
+    "privleak",
+)
 
 
 @flow(name="codeunlearn-pipeline")
