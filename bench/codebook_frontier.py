@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         path = RESULTS / args.profile / f"codebook_grid_{mode}.json"
         if not path.exists():
             continue
-        rows = read_json(path)["rows"]
+        rows = [row for row in read_json(path)["rows"] if row.get("model_utility") is not None]
+        if not rows:
+            continue  # a ROUGE-only grid has no model utility to plot
         for row in rows:
             if row.get("model_utility") is None:
                 continue
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{row['size']}, c={row['strength']:g}, {gate}",
                     point,
                     fontsize=6,
-                    xytext=(3, 2),
+                    xytext=(3, 2) if gate == "gated" else (3, -8),
                     textcoords="offset points",
                 )
         ax.scatter([], [], s=30, color=colour, label=f"{mode}: CodeUnlearn (S', c, gate)")
@@ -61,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
         mode = read_json(ctx.stage_dir("models") / "codebook" / "training.json").get("mode", "bottleneck")
         mask = read_json(ctx.stage_dir("mask") / "mask.json")
         colour = COLOURS[mode]
+        unmasked = (metrics["codebook"]["forget_rouge"], metrics["codebook"]["model_utility"])
+        ax.scatter(*unmasked, marker="*", s=160, color=colour, label=f"{mode}: no mask (the pipeline's)")
         deployed = (metrics["codeunlearn"]["forget_rouge"], metrics["codeunlearn"]["model_utility"])
         ax.scatter(*deployed, s=90, marker="D", color=colour, label=f"{mode}: the pipeline's mask (full evaluation)")
         ax.annotate(
