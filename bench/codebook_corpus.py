@@ -25,7 +25,7 @@ from transformers import GenerationConfig
 
 from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
 from codeunlearn.data import QARecord
-from codeunlearn.evaluation import EvalSpec, score_model, summarize
+from codeunlearn.evaluation import score_model, summarize
 from codeunlearn.generation import generate_answers
 from codeunlearn.prompting import encode_prompt, left_pad_prompts
 from tasks.context import make_context
@@ -141,13 +141,7 @@ def main() -> None:
         freeze_below=cfg["freeze_below"],
     )
     train_s = time.perf_counter() - started
-    eval_spec = EvalSpec(
-        max_new_tokens=evaluate["max_new_tokens"],
-        batch_size=evaluate["batch_size"],
-        score_batch_size=evaluate["score_batch_size"],
-        max_length=evaluate["max_length"],
-    )
-    row = summarize(score_model(target.model, target.tokenizer, load_sets(ctx), eval_spec), None)
+    row = summarize(score_model(target.model, target.tokenizer, load_sets(ctx), ctx.eval_spec()), None)
     pipeline_row = json.loads((ctx.stage_dir("eval") / "metrics.json").read_text())["codebook"]
     keys = [k for k, v in row.items() if isinstance(v, float) and any(s in k for s in ("rouge", "prob", "utility"))]
     result = {

@@ -23,8 +23,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook, decoder_layers
-from codeunlearn.prompting import EncodedQA, pad_batch
-from codeunlearn.training import TrainSpec, encode_records, seed_everything, to_device, train_answers
+from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, pad_batch
+from codeunlearn.training import (
+    TrainSpec,
+    batches_forever,
+    encode_records,
+    seed_everything,
+    to_device,
+    train_answers,
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,6 @@ def hidden_size(model: nn.Module) -> int:
     return int(model.config.hidden_size)
 
 
-@torch.inference_mode()
 def collect_activations(
     model: nn.Module,
     tokenizer: Any,
@@ -74,27 +80,10 @@ def collect_activations(
     max_length: int,
     max_batches: int,
 ) -> torch.Tensor:
-    """Residual-stream vectors after block ``layer`` on real tokens (padding dropped)."""
-    device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-    current_mask: list[torch.Tensor] = []
-
-    def grab(_module, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[current_mask[-1]].detach().float().cpu())
-
-    handle = decoder_layers(model)[layer].register_forward_hook(grab)
-    try:
-        encoded = encode_records(tokenizer, records, max_length)
-        for index, start in enumerate(range(0, len(encoded), batch_size)):
-            if index >= max_batches:
-                break
-            batch = to_device(pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id), device)
-            current_mask.append(batch["attention_mask"].bool())
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    finally:
-        handle.remove()
-    return torch.cat(captured)
+    """Residual-stream vectors after block ``layer`` on real tokens (padding dropped) of the first
+    ``max_batches`` batches of ``records``: the activations a bottleneck's codes are seeded from."""
+    rows = encode_records(tokenizer, records[: batch_size * max_batches], max_length)
+    return collect_layer_activations(model, rows, layer, batch_size, tokenizer.pad_token_id, skip_first=False)
 
 
 def train_codebook(
@@ -188,7 +177,7 @@ def text_chunks(tokenizer: Any, texts: Sequence[str], chunk_tokens: int, chunks_
         for start in range(0, min(len(ids), width * chunks_per_text), width):
             window = [*bos, *ids[start : start + width]]
             if len(window) > len(bos) + 1:
-                rows.append(EncodedQA(input_ids=window, labels=[-100] * len(window)))
+                rows.append(EncodedQA(input_ids=window, labels=[IGNORE_INDEX] * len(window)))
     return rows
 
 
@@ -198,11 +187,17 @@ class _StopForward(Exception):
 
 @torch.inference_mode()
 def collect_layer_activations(
-    model: nn.Module, rows: Sequence[EncodedQA], layer: int, batch_size: int, pad_token_id: int, progress: bool = False
+    model: nn.Module,
+    rows: Sequence[EncodedQA],
+    layer: int,
+    batch_size: int,
+    pad_token_id: int,
+    progress: bool = False,
+    skip_first: bool = True,
 ) -> torch.Tensor:
-    """[tokens, dim] float32: block ``layer``'s output on every real token but each row's first (the
-    attention sink, whose norm is ~100x the median and which no request is about). Stops the forward
-    pass at that block."""
+    """[tokens, dim] float32: block ``layer``'s output on every real token; with ``skip_first`` not on
+    each row's first (the attention sink, whose norm is ~100x the median and which no request is about).
+    Stops the forward pass at that block."""
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
     keep: list[torch.Tensor] = []
@@ -217,7 +212,8 @@ def collect_layer_activations(
         for start in tqdm(range(0, len(rows), batch_size), desc="activations", disable=not progress, leave=False):
             batch = to_device(pad_batch(rows[start : start + batch_size], pad_token_id), device)
             real = batch["attention_mask"].bool()
-            real[:, 0] = False
+            if skip_first:
+                real[:, 0] = False
             keep.append(real)
             try:
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -314,15 +310,7 @@ def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, re
 def kl_to_teacher(teacher: nn.Module, rows: Sequence[EncodedQA], batch_size: int, pad_token_id: int, seed: int):
     """An extra-loss term: each call draws the next batch of broad text and returns the student's KL
     to the frozen ``teacher`` (the target before the codebook went in) on it."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def batches() -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            order = torch.randperm(len(rows), generator=generator).tolist()
-            for start in range(0, len(order), batch_size):
-                yield pad_batch([rows[i] for i in order[start : start + batch_size]], pad_token_id)
-
-    stream = batches()
+    stream = batches_forever(rows, batch_size, pad_token_id, torch.Generator().manual_seed(seed))
 
     def term(model: nn.Module) -> torch.Tensor:
         device = next(model.parameters()).device

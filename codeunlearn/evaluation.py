@@ -47,6 +47,7 @@ from codeunlearn.metrics.tofu import (
     truth_ratio,
 )
 from codeunlearn.prompting import encode_qa, pad_batch
+from codeunlearn.training import to_device
 
 # Splits whose truth ratio uses a paraphrased answer; real authors / world facts use the gold answer.
 PARAPHRASE_SPLITS = ("forget", "retain")
@@ -351,11 +352,12 @@ def same_logits(
     encoded = [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
     for start in range(0, len(encoded), batch_size):
         batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id)
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
-        devices = (next(first.parameters()).device, next(second.parameters()).device)
-        a = first(**{k: v.to(devices[0]) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits
-        b = second(**{k: v.to(devices[1]) if torch.is_tensor(v) else v for k, v in inputs.items()}).logits
-        if not torch.equal(a.cpu(), b.cpu()):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = [
+            model(**to_device(inputs, next(model.parameters()).device), use_cache=False).logits.cpu()
+            for model in (first, second)
+        ]
+        if not torch.equal(*logits):
             return False
     return True
 
