@@ -25,8 +25,8 @@ import numpy as np
 
 from codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
 from codeunlearn.codebook_training import fit_codebook, text_chunks
-from codeunlearn.data import load_tofu_file, read_jsonl_records, split_retain_by_author
-from codeunlearn.evaluation import EvalSets, evenly_spaced, has_truth_ratio_data, request_scores, split_rouges
+from codeunlearn.data import read_jsonl_records
+from codeunlearn.evaluation import evenly_spaced, request_scores, split_rouges
 from codeunlearn.masking import (
     SelectionSpec,
     apply_mask,
@@ -59,6 +59,8 @@ def main() -> None:
     overrides: dict = {"paths": {"outputs": str(args.outputs.resolve())}}
     if args.mode:
         overrides["codebook"] = {"mode": args.mode}
+    sizes_of_sets = ("retain_eval_size", "real_authors_size", "world_facts_size")
+    overrides["evaluate"] = dict.fromkeys(sizes_of_sets, args.eval_size)
     ctx = make_context(args.profile, None, overrides=overrides)
     settings = ctx.settings
     select = settings["select"]
@@ -83,15 +85,9 @@ def main() -> None:
 
     splits = ctx.stage_dir("splits")
     forget = read_jsonl_records(splits / "forget.jsonl")
-    control, scored = split_retain_by_author(read_jsonl_records(splits / "retain.jsonl"), select["control_authors"])
-    tofu_dir = ctx.resolve(settings["paths"]["tofu_dir"])
+    control, _ = ctx.retain_split()
     forget_eval = evenly_spaced(forget, args.eval_size)
-    utility = EvalSets(
-        forget=[],
-        retain=evenly_spaced([r for r in scored if has_truth_ratio_data(r, "retain")], args.eval_size),
-        world_facts=evenly_spaced(load_tofu_file(tofu_dir / "world_facts_perturbed.json"), args.eval_size),
-        real_authors=evenly_spaced(load_tofu_file(tofu_dir / "real_authors_perturbed.json"), args.eval_size),
-    )
+    utility = ctx.utility_sets()  # the scored retain authors, world facts, real authors: --eval-size each
     spec_eval = ctx.eval_spec()
     keys = ("forget_rouge", "retain_rouge", "world_facts_rouge", "real_authors_rouge", "model_utility")
 

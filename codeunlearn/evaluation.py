@@ -24,6 +24,7 @@ Nothing here returns or logs generated text: a model's answers may quote the for
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,8 @@ from codeunlearn.metrics.tofu import (
 )
 from codeunlearn.prompting import encode_qa, pad_batch
 from codeunlearn.training import to_device
+
+log = logging.getLogger(__name__)
 
 # Splits whose truth ratio uses a paraphrased answer; real authors / world facts use the gold answer.
 PARAPHRASE_SPLITS = ("forget", "retain")
@@ -113,6 +116,15 @@ def has_truth_ratio_data(record: Any, kind: str) -> bool:
     if not getattr(record, "perturbed_answers", None):
         return False
     return kind not in PARAPHRASE_SPLITS or bool((getattr(record, "paraphrased_answer", None) or "").strip())
+
+
+def truth_ratio_records(records: Sequence[Any], kind: str) -> list[Any]:
+    """The records whose split's truth ratio can be computed; logs how many lack perturbed data."""
+    kept = [r for r in records if has_truth_ratio_data(r, kind)]
+    if len(kept) < len(records):
+        missing = len(records) - len(kept)
+        log.warning("%s: %d of %d records lack perturbed data and are not evaluated", kind, missing, len(records))
+    return kept
 
 
 def split_rouge(

@@ -12,7 +12,7 @@ import torch
 
 from codeunlearn.config import load_settings, settings_hash
 from codeunlearn.data import load_tofu_file, read_jsonl_records, split_retain_by_author
-from codeunlearn.evaluation import EvalSets, EvalSpec, evenly_spaced, has_truth_ratio_data
+from codeunlearn.evaluation import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"
@@ -79,7 +79,7 @@ class RunContext:
         perturbed answers, real authors and world facts, sized as ``evaluate`` says."""
         cfg = self.settings["evaluate"]
         tofu_dir = self.resolve(self.settings["paths"]["tofu_dir"])
-        scored = [r for r in self.retain_split()[1] if has_truth_ratio_data(r, "retain")]
+        scored = truth_ratio_records(self.retain_split()[1], "retain")
         extra = {
             kind: evenly_spaced(load_tofu_file(tofu_dir / f"{kind}_perturbed.json"), cfg[f"{kind}_size"])
             if cfg[f"{kind}_size"] >= 0

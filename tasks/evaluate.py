@@ -41,11 +41,11 @@ from codeunlearn.evaluation import (  # noqa: E402
     ModelScores,
     evenly_spaced,
     flatten_metrics,
-    has_truth_ratio_data,
     per_item,
     same_logits,
     score_model,
     summarize,
+    truth_ratio_records,
 )
 from codeunlearn.generation import generate_answers  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
@@ -173,36 +173,28 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 
 def load_sets(ctx: RunContext) -> EvalSets:
-    """The evaluation records: forget and retain with truth-ratio data, RA/WF subsets, the MIA holdout."""
+    """The evaluation records: forget with truth-ratio data, the model-utility sets (``utility_sets``:
+    scored retain authors, RA/WF subsets), the MIA holdout."""
     cfg = ctx.settings["evaluate"]
     splits = ctx.stage_dir("splits")
     tofu_dir = ctx.resolve(ctx.settings["paths"]["tofu_dir"])
-
-    def usable(records: list, kind: str, size: int) -> list:
-        kept = [r for r in records if has_truth_ratio_data(r, kind)]
-        if len(kept) < len(records):
-            log.warning(
-                "%s: %d of %d records lack perturbed data and are not evaluated",
-                kind,
-                len(records) - len(kept),
-                len(records),
-            )
-        if not kept:
+    forget = truth_ratio_records(read_jsonl_records(splits / "forget.jsonl"), "forget")
+    utility = ctx.utility_sets()
+    for kind, records in (("forget", forget), ("retain", utility.retain)):
+        if not records:
             raise ValueError(f"{kind}: no record carries the perturbed answers the truth ratio needs")
-        return evenly_spaced(kept, size)
-
-    forget = usable(read_jsonl_records(splits / "forget.jsonl"), "forget", cfg["forget_eval_size"])
-    retain = usable(ctx.retain_split()[1], "retain", cfg["retain_eval_size"])
-    extra = {}
-    for kind in ("real_authors", "world_facts"):
-        size = cfg[f"{kind}_size"]
-        extra[kind] = [] if size < 0 else evenly_spaced(load_tofu_file(tofu_dir / f"{kind}_perturbed.json"), size)
     holdout_file = cfg["mia"]["holdout_file"]
     holdout = load_tofu_file(tofu_dir / holdout_file) if holdout_file else read_jsonl_records(splits / "holdout.jsonl")
     holdout = evenly_spaced(holdout, cfg["mia"]["holdout_size"])
     if not holdout:
         log.warning("no holdout records: membership inference and PrivLeak are skipped")
-    return EvalSets(forget=forget, retain=retain, holdout=holdout, **extra)
+    return EvalSets(
+        forget=evenly_spaced(forget, cfg["forget_eval_size"]),
+        retain=utility.retain,
+        real_authors=utility.real_authors,
+        world_facts=utility.world_facts,
+        holdout=holdout,
+    )
 
 
 def code_usage(
