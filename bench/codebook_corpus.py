@@ -145,6 +145,7 @@ def main() -> None:
     pipeline_row = json.loads((ctx.stage_dir("eval") / "metrics.json").read_text())["codebook"]
     keys = [k for k, v in row.items() if isinstance(v, float) and any(s in k for s in ("rouge", "prob", "utility"))]
     result = {
+        "git_commit": ctx.git_commit,
         "general_pairs": len(general),
         "tofu_pairs": len(records),
         "steps": training.steps,
