@@ -15,7 +15,8 @@ from codeunlearn.leaderboard import to_markdown
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_KEYS = ("codeunlearn_request_s", "ga_s", "npo_s", "grin_s", "zerounlearn_s", "npo_over_codeunlearn")
 OVERHEAD_KEYS = ("base_tokens_per_s", "codebook_tokens_per_s", "ratio", "generation_ratio", "codebook_flops_share")
-PIPELINE_KEYS = ("flow_s", "library_only_s", "overhead_ratio", "smoke_e2e_s", "default_e2e_s")
+ORCHESTRATION_KEYS = ("flow_s", "library_only_s", "overhead_ratio")
+PIPELINE_KEYS = ("setup_s", "default_e2e_s", "default_studies_s", "smoke_e2e_s", "smoke_studies_s")
 
 
 def fmt(value: Any) -> str:
@@ -68,9 +69,14 @@ def tables(profile: str) -> str:
         *section("Codebook overhead", out / "overhead.json", lambda p: key_value_table(p, OVERHEAD_KEYS)),
         *section("Leaderboard", out / "leaderboard.json", leaderboard_tables),
         *section(
-            "Pipeline (smoke flow vs library; end to end per profile)",
-            RESULTS / "pipeline.json",
+            "The README's commands from a fresh clone (s; `python -m bench.pipeline_time`)",
+            RESULTS / "default" / "pipeline.json",
             lambda p: key_value_table(p, PIPELINE_KEYS),
+        ),
+        *section(
+            "Orchestration: the smoke flow vs its stages as plain functions (s)",
+            RESULTS / "smoke" / "orchestration.json",
+            lambda p: key_value_table(p, ORCHESTRATION_KEYS),
         ),
     ]
     return "\n".join(parts)

@@ -173,8 +173,14 @@ class CodebookBottleneck(nn.Module):
         """(the sum of each row's top-k codes, their ids): the codebook's reading of frozen activations."""
         with torch.no_grad():
             ids = self.similarities(self.norm(activations), masked=False).topk(self.spec.k, dim=-1).indices
-        chosen = F.embedding(ids, self.codes)
-        return (chosen.sum(-2) if self.spec.combine == "sum" else chosen.mean(-2)), ids
+        # embedding_bag's backward scatters into the codes ~10x faster on CPU than F.embedding's.
+        return F.embedding_bag(ids, self.codes, mode=self.spec.combine), ids
+
+    def chosen_l1(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean over chosen (token, code) pairs of the code's L1 norm, from the ids' counts: the same value
+        and gradient as gathering every chosen code, without the [tokens, k, dim] copy."""
+        counts = torch.bincount(ids.reshape(-1), minlength=self.spec.num_codes).to(self.codes.dtype)
+        return (counts * self.codes.abs().sum(-1)).sum() / ids.numel()
 
     @torch.no_grad()
     def init_from_activations(self, activations: torch.Tensor, generator: torch.Generator) -> None:

@@ -265,7 +265,7 @@ def train_residual_codebook(
         reconstruction, ids = bottleneck.reconstruct(rows)
         squared_norm = rows.pow(2).sum(-1).clamp_min(torch.finfo(rows.dtype).tiny)
         relative_error = ((reconstruction - rows).pow(2).sum(-1) / squared_norm).mean()
-        code_l1 = F.embedding(ids, bottleneck.codes).abs().sum(-1).mean()
+        code_l1 = bottleneck.chosen_l1(ids)
         total = loss.reconstruction_weight * relative_error + loss.l1_weight * code_l1
         optimizer.zero_grad(set_to_none=True)
         total.backward()

@@ -450,6 +450,27 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "Share of the unmasked codebook model's code slots on the forget and the retain set that each mask "
             "disables: a selective mask takes much more of the forget set's codes than of the retain set's.",
         ]
+    timing = details.get("timing_s")
+    if timing:
+        lines += [
+            "",
+            f"Evaluation took {timing['total']:.0f} s ("
+            + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if k != "total")
+            + ").",
+        ]
+    lines += ["", "## Plots", "", *(f"![{title}]({path})\n" for title, path in plots.items())]
+    return "\n".join(lines) + "\n"
+
+
+def render_studies_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    """Markdown report of the studies (``flows.studies``): the S' frontier, sustainability and
+    scalability. Like the run report it holds numbers only, never the forget set's text."""
+    lines = [
+        f"# CodeUnlearn studies: profile `{inputs['profile']}`",
+        "",
+        f"Params hash `{inputs['params_hash'][:16]}`; codebook sha256 `{inputs['codebook_sha256'][:16]}`. "
+        "The main job's report (`../report/report.md`) has the request itself; these studies vary it.",
+    ]
     frontier = inputs.get("frontier") or []
     if frontier:
         lines += [
@@ -463,13 +484,5 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "in for disabled ones are found too; `random` is the matched control.",
         ]
     lines += sequential_lines(inputs.get("sequential") or {})
-    timing = details.get("timing_s")
-    if timing:
-        lines += [
-            "",
-            f"Evaluation took {timing['total']:.0f} s ("
-            + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if k != "total")
-            + ").",
-        ]
     lines += ["", "## Plots", "", *(f"![{title}]({path})\n" for title, path in plots.items())]
     return "\n".join(lines) + "\n"

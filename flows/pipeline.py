@@ -6,10 +6,11 @@ import argparse
 from pathlib import Path
 
 from prefect import flow
+from prefect.task_runners import ProcessPoolTaskRunner
 
 from tasks import tracking
 from tasks.context import make_context
-from tasks.stages import PIPELINE
+from tasks.stages import PIPELINE, SIDE_BY_SIDE, stage_groups
 
 HEADLINE = (
     "forget_rouge",
@@ -22,18 +23,24 @@ HEADLINE = (
 )
 
 
-@flow(name="codeunlearn-pipeline")
+@flow(name="codeunlearn-pipeline", task_runner=ProcessPoolTaskRunner(max_workers=len(SIDE_BY_SIDE)))
 def pipeline(profile: str | None = None, params_file: str | None = None, resume: bool = True) -> dict:
     """prepare -> validate -> base -> target + oracle -> codebook -> select -> evaluate -> report.
 
-    A failed validation raises inside its task, so the flow stops before any model is touched. With
-    ``resume`` (the default) stages completed under the same settings and data are not redone.
+    Target and oracle train at once in two worker processes when ``side_by_side.enabled``; every other
+    stage runs in the flow's process. A failed validation raises inside its task, so the flow stops
+    before any model is touched. With ``resume`` (the default) stages completed under the same settings
+    and data are not redone.
     """
     ctx = make_context(profile, Path(params_file) if params_file else None, overrides={"resume": resume})
     results: dict = {}
     with tracking.flow_run(ctx, f"pipeline-{ctx.profile}") as run_ctx:
-        for name, stage in PIPELINE.items():
-            results[name] = stage(run_ctx)
+        for group in stage_groups(ctx.settings):
+            if len(group) == 1:
+                results[group[0]] = PIPELINE[group[0]](run_ctx)
+                continue
+            futures = {name: PIPELINE[name].submit(run_ctx) for name in group}
+            results.update({name: future.result() for name, future in futures.items()})
         results["mlflow_run_id"] = run_ctx.parent_run_id
     return results
 

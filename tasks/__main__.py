@@ -5,16 +5,16 @@ from __future__ import annotations
 import argparse
 
 from tasks.context import make_context
-from tasks.stages import PIPELINE
+from tasks.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
-    parser.add_argument("stage", choices=list(PIPELINE))
+    parser.add_argument("stage", choices=list(STAGES))
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` field)")
     args = parser.parse_args(argv)
     # DVC decides what is stale (it also tracks code), so the flows' own resume markers stay out of it.
-    PIPELINE[args.stage].fn(make_context(args.profile, overrides={"resume": False}))
+    STAGES[args.stage].fn(make_context(args.profile, overrides={"resume": False}))
 
 
 if __name__ == "__main__":

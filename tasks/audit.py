@@ -54,8 +54,8 @@ from codeunlearn.masking import MASK_META, MASK_TENSORS, apply_mask, load_mask
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
 from codeunlearn.training import resolve_device
 from tasks import tracking
-from tasks.context import RunContext
-from tasks.evaluate import relearn_spec, torch_threads
+from tasks.context import RunContext, torch_threads
+from tasks.evaluate import relearn_spec
 from tasks.models import load_role, model_dir
 from tasks.request import ACTIVE_MASK, mask_sha256, requests_dir
 

@@ -22,8 +22,8 @@ from codeunlearn.masking import apply_mask, load_mask, save_mask  # noqa: E402
 from codeunlearn.methods import get_method  # noqa: E402
 from codeunlearn.profiling import ResourceMeter  # noqa: E402
 from tasks import tracking  # noqa: E402
-from tasks.context import RunContext  # noqa: E402
-from tasks.evaluate import Suite, build_suite, torch_threads  # noqa: E402
+from tasks.context import RunContext, torch_threads  # noqa: E402
+from tasks.evaluate import Suite, build_suite  # noqa: E402
 from tasks.models import load_role  # noqa: E402
 from tasks.resume import fingerprint  # noqa: E402
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,21 @@ def git_commit(root: Path = REPO_ROOT) -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return out.stdout.strip()
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads for a block (None or 0: leave them). A tiny model decodes fastest on one
+    thread (no OpenMP spinning), and two fine-tunes side by side each take one core."""
+    if not threads:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -114,6 +131,10 @@ class RunContext:
 
     def with_parent(self, run_id: str | None) -> RunContext:
         return replace(self, parent_run_id=run_id)
+
+    def resuming(self) -> RunContext:
+        """The same run with ``resume`` on: stages finished under the same settings are reused."""
+        return replace(self, settings={**self.settings, "resume": True})
 
 
 def make_context(

@@ -23,7 +23,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
@@ -55,7 +54,7 @@ from codeunlearn.metrics.tofu import rouge_l_recall  # noqa: E402
 from codeunlearn.muse_eval import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse  # noqa: E402
 from codeunlearn.privacy import withhold_overlaps  # noqa: E402
 from tasks import tracking  # noqa: E402
-from tasks.context import RunContext  # noqa: E402
+from tasks.context import RunContext, torch_threads  # noqa: E402
 from tasks.models import load_role  # noqa: E402
 from tasks.resume import resumable  # noqa: E402
 
@@ -156,20 +155,6 @@ def codes_plot(usage: dict[str, Any], path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ the stage
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Evaluation decodes in small batches: a tiny model runs fastest on one thread (no OpenMP spinning)."""
-    if not threads:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def load_sets(ctx: RunContext) -> EvalSets:

@@ -18,7 +18,7 @@ from codeunlearn.muse_eval import read_texts
 from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 from codeunlearn.training import TrainSpec, resolve_device, train_answers
 from tasks import tracking
-from tasks.context import RunContext
+from tasks.context import RunContext, torch_threads
 from tasks.resume import resumable
 
 TINY_SOURCE = "tiny"
@@ -81,12 +81,19 @@ def base_model(ctx: RunContext) -> dict:
     return info
 
 
+def finetune_threads(ctx: RunContext) -> int | None:
+    """The torch threads of a fine-tune: ``side_by_side.threads`` whenever side by side is on, whether the
+    flow runs target and oracle at once or DVC one after the other (same threads, same weights)."""
+    side = ctx.settings["side_by_side"]
+    return side["threads"] if side["enabled"] else None
+
+
 def _finetune(ctx: RunContext, role: str, split_names: tuple[str, ...]) -> dict:
     splits = ctx.stage_dir("splits")
     records = [r for name in split_names for r in read_jsonl_records(splits / f"{name}.jsonl")]
     base = load_role(ctx, "base")
     spec = train_spec(ctx, "finetune")
-    with tracking.stage_run(ctx, f"finetune_{role}"):
+    with tracking.stage_run(ctx, f"finetune_{role}"), torch_threads(finetune_threads(ctx)):
         history = train_answers(
             base.model, base.tokenizer, records, spec, progress=ctx.progress, description=f"finetune {role}"
         )

@@ -44,9 +44,9 @@ def marker_path(ctx: RunContext, stage: str) -> Path:
 
 
 def _pipeline_order() -> list[str]:
-    from tasks.stages import PIPELINE  # imported late: the stage modules import this one
+    from tasks.stages import STAGES  # imported late: the stage modules import this one
 
-    return list(PIPELINE)
+    return list(STAGES)
 
 
 def stage_settings(settings: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -100,15 +100,3 @@ def resumable(stage: str) -> Callable[[Callable[[RunContext], R]], Callable[[Run
         return wrapper
 
     return decorate
-
-
-def recorded_stage_times(ctx: RunContext) -> dict[str, float]:
-    """Each completed stage's wall time, as measured when it actually ran (a resumed stage keeps its own)."""
-    times = {}
-    for stage in _pipeline_order():
-        marker = marker_path(ctx, stage)
-        if marker.exists():
-            record = read_json(marker)
-            if record.get("fingerprint") == fingerprint(ctx, stage) and "wall_s" in record:
-                times[stage] = float(record["wall_s"])
-    return times

@@ -34,8 +34,7 @@ from codeunlearn.sequential import (  # noqa: E402
     sustainability_plan,
 )
 from tasks import tracking  # noqa: E402
-from tasks.context import RunContext  # noqa: E402
-from tasks.evaluate import torch_threads  # noqa: E402
+from tasks.context import RunContext, torch_threads  # noqa: E402
 from tasks.models import load_role  # noqa: E402
 from tasks.resume import resumable  # noqa: E402
 

@@ -1,11 +1,17 @@
-"""The pipeline's stages in order, by name: the one list the flow, DVC and the CLI share."""
+"""The stages in order, by name: the lists the flows, DVC and the CLI share.
+
+``PIPELINE`` is the main job (``flows.pipeline``): one unlearning request, trained, applied, measured
+and reported. ``STUDIES`` (``flows.studies``) vary that request (the S' frontier, sequential and
+growing requests) on the main job's codebook and splits, and report on their own, so the main job never
+waits for them.
+"""
 
 from __future__ import annotations
 
 from tasks.evaluate import evaluate
 from tasks.models import base_model, finetune_oracle, finetune_target, train_codebook_stage
 from tasks.prepare_data import prepare_data
-from tasks.report import report
+from tasks.report import report, studies_report
 from tasks.sequential import sequential
 from tasks.sweep import sweep
 from tasks.unlearn import select_codes
@@ -20,7 +26,32 @@ PIPELINE = {
     "train_codebook": train_codebook_stage,
     "select_codes": select_codes,
     "evaluate": evaluate,
-    "sweep": sweep,
-    "sequential": sequential,
     "report": report,
 }
+# Stages that may run at once, each in its own process (``side_by_side`` in params.yaml).
+SIDE_BY_SIDE = ("finetune_target", "finetune_oracle")
+
+
+def stage_groups(settings: dict) -> list[tuple[str, ...]]:
+    """The main job in order, as groups of stages that run together: ``SIDE_BY_SIDE`` is one group when
+    ``side_by_side.enabled``, every other stage a group of its own."""
+    together = settings["side_by_side"]["enabled"]
+    groups: list[tuple[str, ...]] = []
+    for name in PIPELINE:
+        if together and name in SIDE_BY_SIDE:
+            if name == SIDE_BY_SIDE[0]:
+                groups.append(SIDE_BY_SIDE)
+        else:
+            groups.append((name,))
+    return groups
+
+
+# The main-job stages the studies read (splits and codebook): the studies flow resumes them, so a
+# finished main job is reused as it is, and the studies never need its evaluation.
+STUDY_INPUTS = ("prepare_data", "validate_forget_set", "base_model", "finetune_target", "train_codebook")
+STUDIES = {
+    "sweep": sweep,
+    "sequential": sequential,
+    "studies_report": studies_report,
+}
+STAGES = {**PIPELINE, **STUDIES}

@@ -130,8 +130,9 @@ def test_prefect_yaml_deploys_and_its_deployments_run(prefect_server, tmp_path):
     run_cli(["--no-prompt", "deploy", "--all"], env)
 
     deployments = {d["name"]: d for d in api(api_url, "/deployments/filter", {})}
-    assert set(deployments) == {"pipeline", "request", "reverify"}
+    assert set(deployments) == {"pipeline", "studies", "request", "reverify"}
     assert deployments["pipeline"]["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert deployments["studies"]["entrypoint"] == "flows/studies.py:studies"
     assert deployments["request"]["entrypoint"] == "flows/request.py:unlearn"
     assert deployments["request"]["parameters"]["method"] == "codeunlearn"
     assert deployments["request"]["global_concurrency_limit"]["limit"] == 1

@@ -65,4 +65,6 @@ def test_dvc_repro_twice_and_metrics_show(tmp_path):
     assert "Data and pipelines are up to date" in second
     metrics = run(["dvc", "metrics", "show", "--json"], repo, env)
     assert "codeunlearn" in metrics and "forget_rouge" in metrics
-    assert (repo / "data" / "outputs" / "smoke" / "report" / "report.md").exists()
+    out = repo / "data" / "outputs" / "smoke"
+    assert (out / "report" / "report.md").exists()
+    assert (out / "studies" / "report.md").exists() and (out / "sequential" / "scalability.json").exists()

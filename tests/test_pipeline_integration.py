@@ -21,10 +21,12 @@ def smoke_run(tmp_path_factory):
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     from flows.pipeline import pipeline
+    from flows.studies import studies
 
     tmp = tmp_path_factory.mktemp("smoke")
     params_file = write_params(tmp)
     results = pipeline(profile="smoke", params_file=str(params_file))
+    results["studies"] = studies(profile="smoke", params_file=str(params_file))
     return tmp, results
 
 
@@ -75,6 +77,11 @@ def test_muse_rows_and_the_sequential_curves_are_measured_and_reported(smoke_run
         for key in ("muse_verbmem_rouge", "muse_knowmem_forget_rouge", "muse_knowmem_retain_rouge", "muse_privleak"):
             assert key in metrics[model], (model, key)
     assert metrics["oracle"]["muse_privleak"] == 0.0  # the oracle is its own PrivLeak reference
+    # The main job's attack coverage: 4-bit on target and CodeUnlearn, relearning on oracle and CodeUnlearn.
+    for model in ("target", "codeunlearn"):
+        assert any(spec["bits"] == 4 for spec in metrics[model]["quant"].values()), model
+    for model in ("oracle", "codeunlearn"):
+        assert 0.0 <= metrics[model]["relearn"]["heldout_rouge_after"] <= 1.0, model
     sustained = json.loads((out / "sequential" / "sustainability.json").read_text())
     assert [row["request"] for row in sustained["rows"]] == [1, 2, 3]
     disabled = [row["disabled"] for row in sustained["rows"]]
@@ -84,10 +91,12 @@ def test_muse_rows_and_the_sequential_curves_are_measured_and_reported(smoke_run
     scaled = json.loads((out / "sequential" / "scalability.json").read_text())
     assert [row["authors"] for row in scaled["rows"]] == [1, 2, 4]
     assert all(row["forget_rouge"] < row["forget_rouge_before"] for row in scaled["rows"])
-    assert results["sequential"]["sustainability"] and results["sequential"]["scalability"]
+    assert results["studies"]["sequential"]["sustainability"] and results["studies"]["sequential"]["scalability"]
     report = (out / "report" / "report.md").read_text()
-    for heading in ("### MUSE-News", "### Sustainability: sequential requests", "### Scalability: growing forget sets"):
-        assert heading in report
+    studies_report = (out / "studies" / "report.md").read_text()
+    assert "### MUSE-News" in report
+    for heading in ("### Sustainability: sequential requests", "### Scalability: growing forget sets", "S' sweep"):
+        assert heading in studies_report and heading not in report, heading
 
 
 def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke_run):
@@ -110,9 +119,11 @@ def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke
         "train_codebook",
         "select_codes",
         "evaluate",
-        "sequential",
         "report",
     } <= stages
+    studies = client.get_run(results["studies"]["mlflow_run_id"])
+    study_children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{studies.info.run_id}'")
+    assert {run.data.tags["codeunlearn.stage"] for run in study_children} == {"sweep", "sequential", "studies_report"}
     select = next(run for run in children if run.data.tags["codeunlearn.stage"] == "select_codes")
     artifacts = {a.path for a in client.list_artifacts(select.info.run_id, "mask")}
     assert {"mask/mask.safetensors", "mask/mask.json"} <= artifacts

@@ -219,8 +219,8 @@ def test_the_plot_and_the_task_runner_handle_skipped_experiments(tmp_path):
     assert (tmp_path / "sequential.png").stat().st_size > 0
 
 
-def test_report_shows_both_curves_and_says_why_one_did_not_run():
-    from codeunlearn.report import render_report
+def test_studies_report_shows_both_curves_and_says_why_one_did_not_run():
+    from codeunlearn.report import render_report, render_studies_report
     from tests.conftest import report_inputs
 
     sustained = {
@@ -248,13 +248,17 @@ def test_report_shows_both_curves_and_says_why_one_did_not_run():
     }
     skipped = {"enabled": True, "skipped": "scalability: no size in [5] leaves a retain author out of 3"}
     metrics = {"target": {"forget_rouge": 0.9, "retain_rouge": 0.8}}
-    text = render_report(report_inputs(metrics, {}, {"sustainability": sustained, "scalability": skipped}), {})
+    studies = {"profile": "test", "params_hash": "0" * 64, "codebook_sha256": "b" * 64}
+    text = render_studies_report({**studies, "sequential": {"sustainability": sustained, "scalability": skipped}}, {})
     assert "### Sustainability: sequential requests" in text
     assert "| 1 | 4 | n/a | 0.200 | 0.200 | 0.200 | 0.850 | 0.750 | n/a | n/a |" in text
     assert "| 2 | 8 | n/a | 0.300 | 0.250 | 0.275 | n/a | 0.700 |" in text
     assert "- 5 requests asked, 2 fit" in text
     assert "Not run: scalability: no size in [5]" in text
-    assert "### Sustainability" not in render_report(report_inputs(metrics, {}), {})
+    assert "### Sustainability" not in render_studies_report(studies, {})
+    # The main job's report never waits for, nor shows, the studies.
+    main_report = render_report(report_inputs(metrics, {}, {"sustainability": sustained}), {})
+    assert "### Sustainability" not in main_report
 
 
 def test_scalability_measures_utility_under_each_sizes_mask(selector):
