@@ -10,8 +10,10 @@ checkout's), then runs, one after another and exactly as the README writes them:
 
 Each part records its wall time, the CPU seconds of its own process tree and of everything else on the
 machine over the same interval (``other_cpu_s``: how idle the machine really was) and the 1-minute load
-average sampled every few seconds. The main job's stage times come from the clone's stage markers.
-Writes ``bench/results/default/pipeline.json`` whole, stamped with the commit, the machine and the load.
+average sampled every few seconds. The main job's stage times come from the clone's stage markers, and
+its headline metrics (``HEADLINE``, per model) from the clone's ``eval/metrics.json``, so that a faster
+pipeline is seen to give the same numbers. Writes ``bench/results/default/pipeline.json`` whole,
+stamped with the commit, the machine and the load.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ COMMANDS = {
 }
 BUDGET_S = {"default": 1800.0, "smoke": 300.0}  # issue 18: the main job <= 30 min, the smoke flow <= 5 min
 LOAD_SAMPLE_S = 5.0
+HEADLINE = ("forget_rouge", "retain_rouge", "model_utility", "forget_quality")
 OUT = REPO_ROOT / "bench" / "results" / "default" / "pipeline.json"
 
 
@@ -105,6 +108,12 @@ def stage_times(workdir: Path, profile: str) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda item: path_order(markers / f"{item[0]}.json")))
 
 
+def headline_metrics(workdir: Path, profile: str) -> dict[str, dict[str, float]]:
+    """Per model, the ``HEADLINE`` numbers of the profile's evaluation as the run wrote them."""
+    metrics = read_json(workdir / "data" / "outputs" / profile / "eval" / "metrics.json")
+    return {model: {key: row[key] for key in HEADLINE if key in row} for model, row in metrics.items()}
+
+
 def path_order(path: Path) -> int:
     return path.stat().st_mtime_ns
 
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         if profile in parts:
             payload[f"{profile}_e2e_s"] = parts[profile]["wall_s"]
             payload[f"{profile}_stage_s"] = stage_times(workdir, profile)
+            payload[f"{profile}_metrics"] = headline_metrics(workdir, profile)
             payload[f"{profile}_within_budget"] = parts[profile]["wall_s"] <= BUDGET_S[profile]
         if f"{profile}_studies" in parts:
             payload[f"{profile}_studies_s"] = parts[f"{profile}_studies"]["wall_s"]
