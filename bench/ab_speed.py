@@ -17,7 +17,7 @@ from pathlib import Path
 
 import codeunlearn
 from codeunlearn.evaluation import EvalSpec, score_model
-from codeunlearn.training import TrainSpec, train_answers
+from codeunlearn.lm.training import TrainSpec, train_answers
 from tasks.context import make_context
 from tasks.evaluate import load_sets
 from tasks.models import load_role

@@ -24,10 +24,10 @@ import torch
 from transformers import GenerationConfig
 
 from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
-from codeunlearn.data import QARecord
+from codeunlearn.data.records import QARecord
 from codeunlearn.evaluation import score_model, summarize
-from codeunlearn.generation import generate_answers
-from codeunlearn.prompting import encode_prompt, left_pad_prompts
+from codeunlearn.lm.generation import generate_answers
+from codeunlearn.lm.prompting import encode_prompt, left_pad_prompts
 from tasks.context import make_context
 from tasks.evaluate import load_sets
 from tasks.models import codebook_records, codebook_spec, load_role, train_spec

@@ -25,7 +25,7 @@ import numpy as np
 
 from codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
 from codeunlearn.codebook_training import fit_codebook, text_chunks
-from codeunlearn.data import read_jsonl_records
+from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.evaluation import evenly_spaced, request_scores, split_rouges
 from codeunlearn.masking import (
     SelectionSpec,

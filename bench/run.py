@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from codeunlearn.data import read_jsonl_records
+from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.evaluation import evenly_spaced
-from codeunlearn.generation import answer_token_nll, generate_answers
 from codeunlearn.io import read_json, write_json
 from codeunlearn.leaderboard import leaderboard_rows
+from codeunlearn.lm.generation import answer_token_nll, generate_answers
 from codeunlearn.masking import unmask
 from codeunlearn.methods import get_method
 from codeunlearn.profiling import ResourceMeter

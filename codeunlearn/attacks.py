@@ -40,8 +40,8 @@ from codeunlearn.evaluation import (
     split_rouges,
     summarize,
 )
+from codeunlearn.lm.training import TrainSpec, train_answers
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
-from codeunlearn.training import TrainSpec, train_answers
 
 log = logging.getLogger(__name__)
 

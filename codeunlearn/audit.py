@@ -28,19 +28,12 @@ from typing import Any
 
 import yaml
 
+from codeunlearn.io import sha256_file
+
 SCHEMA = "codeunlearn.audit/1"
-CHUNK = 1 << 20
 
 
 # --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def json_safe(value: Any) -> Any:

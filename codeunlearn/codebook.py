@@ -38,6 +38,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from codeunlearn.lm.blocks import decoder_layers
+
 MODES = ("bottleneck", "residual")
 
 
@@ -265,19 +267,6 @@ def peak_fire_rate(fires: torch.Tensor, valid: torch.Tensor, min_tokens: int) ->
     seen = valid.long().cumsum(-1)
     rate = (fired / seen.clamp_min(1)).masked_fill(~valid | (seen < min_tokens), 0.0)
     return rate.max(-1).values
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks of a Hugging Face causal LM, whatever the architecture calls it."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        module: nn.Module | None = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}")
 
 
 def _replace_hidden(output, bottleneck: CodebookBottleneck):

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook, decoder_layers
-from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, pad_batch
-from codeunlearn.training import (
+from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.lm.blocks import decoder_layers
+from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, pad_batch
+from codeunlearn.lm.training import (
     TrainSpec,
     batches_forever,
     encode_records,

@@ -33,7 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from codeunlearn.generation import answer_token_logprobs, generate_answers
+from codeunlearn.lm.generation import answer_token_logprobs, generate_answers
+from codeunlearn.lm.prompting import encode_qa, pad_batch
+from codeunlearn.lm.training import to_device
 from codeunlearn.metrics import mia, muse
 from codeunlearn.metrics.tofu import (
     UTILITY_SPLITS,
@@ -47,8 +49,6 @@ from codeunlearn.metrics.tofu import (
     rouge_l_recall,
     truth_ratio,
 )
-from codeunlearn.prompting import encode_qa, pad_batch
-from codeunlearn.training import to_device
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from codeunlearn.codebook import CodebookBottleneck, GateSpec, codebook_sha256, peak_fire_rate
 from codeunlearn.io import atomic_write_bytes
-from codeunlearn.prompting import IGNORE_INDEX, encode_qa, pad_batch
+from codeunlearn.lm.prompting import IGNORE_INDEX, encode_qa, pad_batch
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import nn
 
-from codeunlearn.data import DataError
+from codeunlearn.data.records import DataError
 from codeunlearn.evaluation import evenly_spaced
 from codeunlearn.metrics import muse
 from codeunlearn.metrics.mia import MIN_K_RATIO, min_k_attack

@@ -31,7 +31,7 @@ from torch import nn
 
 from codeunlearn.codebook import CodebookBottleneck
 from codeunlearn.controls import build_control
-from codeunlearn.data import records_sha256
+from codeunlearn.data.records import records_sha256
 from codeunlearn.evaluation import evenly_spaced
 from codeunlearn.masking import (
     CodeMask,

@@ -29,8 +29,8 @@ def forget(
     params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
 ) -> None:
     """Validate the forget file, unlearn it, evaluate, and register the new model version."""
-    from codeunlearn.data import DataError
-    from codeunlearn.validation import ForgetSetValidationError
+    from codeunlearn.data.records import DataError
+    from codeunlearn.data.validation_report import ForgetSetValidationError
     from flows.request import unlearn
 
     try:

@@ -43,16 +43,16 @@ from codeunlearn.audit import (
     judge,
     judged_values,
     record_sha256,
-    sha256_file,
     verify_record,
 )
-from codeunlearn.checkpoints import Checkpoint, load_checkpoint
-from codeunlearn.data import load_qa_file, records_sha256
+from codeunlearn.data.records import records_sha256
+from codeunlearn.data.tofu import load_qa_file
 from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge, request_scores
-from codeunlearn.io import read_json
+from codeunlearn.io import atomic_write_bytes, read_json, sha256_file
 from codeunlearn.masking import MASK_META, MASK_TENSORS, apply_mask, load_mask
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
-from codeunlearn.training import resolve_device
+from codeunlearn.models.checkpoints import Checkpoint, load_checkpoint
+from codeunlearn.models.device import resolve_device
 from tasks import tracking
 from tasks.context import RunContext, torch_threads
 from tasks.evaluate import relearn_spec
@@ -86,21 +86,12 @@ def write_once(path: Path, payload: dict[str, Any]) -> None:
     if path.exists():
         raise AuditRecordExistsError(f"{path}: audit records are write-once and this one exists; not overwritten")
     data = (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o444)
-        try:
-            os.link(tmp_name, path)
-        except FileExistsError as err:
-            raise AuditRecordExistsError(
-                f"{path}: audit records are write-once and this one exists; not overwritten"
-            ) from err
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+        atomic_write_bytes(path, data, exclusive=True, read_only=True)
+    except FileExistsError as err:
+        raise AuditRecordExistsError(
+            f"{path}: audit records are write-once and this one exists; not overwritten"
+        ) from err
 
 
 def snapshot_mask(active: Path, out: Path) -> None:

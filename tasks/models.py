@@ -7,16 +7,17 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from codeunlearn.codebook import CodebookSpec, codebook_sha256
 from codeunlearn.codebook_training import CodebookLoss, CodebookRecipe, ResidualFit, Revival, fit_codebook, text_chunks
-from codeunlearn.data import read_jsonl_records, records_sha256
+from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.io import read_json, write_json
+from codeunlearn.lm.training import TrainSpec, train_answers
 from codeunlearn.masking import count_codes
-from codeunlearn.models import load_model
+from codeunlearn.models.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from codeunlearn.models.device import resolve_device
+from codeunlearn.models.load import load_model
+from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 from codeunlearn.muse_eval import read_texts
-from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
-from codeunlearn.training import TrainSpec, resolve_device, train_answers
 from tasks import tracking
 from tasks.context import RunContext, torch_threads
 from tasks.resume import resumable

@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
-from codeunlearn.data import read_jsonl_records  # noqa: E402
+from codeunlearn.data.records import read_jsonl_records  # noqa: E402
 from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402

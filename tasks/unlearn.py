@@ -7,7 +7,7 @@ import time
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.data import read_jsonl_records
+from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import write_json
 from codeunlearn.masking import save_mask
 from codeunlearn.methods import get_method

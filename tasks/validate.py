@@ -7,9 +7,10 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.data import QARecord, read_jsonl_records
+from codeunlearn.data.records import QARecord, read_jsonl_records
+from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
+from codeunlearn.data.validation_report import require_valid
 from codeunlearn.io import atomic_write_text, write_json
-from codeunlearn.validation import ValidationBounds, require_valid, validate_forget_retain
 from tasks import tracking
 from tasks.context import RunContext
 from tasks.resume import resumable

@@ -62,7 +62,7 @@ def tiny_qa() -> dict[str, list]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_qa):
-    from codeunlearn.tiny import train_tokenizer
+    from codeunlearn.models.tiny import train_tokenizer
 
     texts = [f"{r.question} {r.answer}" for split in tiny_qa.values() for r in split]
     return train_tokenizer(texts, vocab_size=300)
@@ -70,7 +70,7 @@ def tiny_tokenizer(tiny_qa):
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
 
     spec = TinyModelSpec(
         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=128, vocab_size=300, seed=0

@@ -100,11 +100,11 @@ def build_tiny_setup(tmp: Path, overrides: dict | None = None) -> tuple[Path, Pa
     ``(params_file, forget_file)``; the forget file is a generic QA JSONL outside the outputs."""
     import torch
 
-    from codeunlearn.checkpoints import save_checkpoint
     from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
     from codeunlearn.config import deep_merge
-    from codeunlearn.data import QARecord, write_jsonl
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
+    from codeunlearn.data.records import QARecord, write_jsonl
+    from codeunlearn.models.checkpoints import save_checkpoint
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
     from tasks.context import make_context
 
     params_file = write_params(tmp, deep_merge(TINY_OVERRIDES, overrides or {}))

@@ -124,7 +124,7 @@ def test_dead_codes_are_revived_from_activations():
 
 def test_freeze_below_trains_only_the_blocks_above_the_codebook(tiny_model, tiny_tokenizer, tiny_qa):
     from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
-    from codeunlearn.training import TrainSpec
+    from codeunlearn.lm.training import TrainSpec
 
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     spec = TrainSpec(

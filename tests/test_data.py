@@ -8,20 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from codeunlearn.data import (
-    DataError,
-    QARecord,
-    attach_perturbations,
-    load_jsonl,
-    load_qa_file,
-    load_tofu_file,
-    read_json_records,
-    read_jsonl_records,
-    records_sha256,
-    split_by_author,
-    split_summary,
-    write_jsonl,
-)
+from codeunlearn.data.records import DataError, QARecord, load_jsonl, read_jsonl_records, records_sha256, write_jsonl
+from codeunlearn.data.splits import split_by_author, split_summary
+from codeunlearn.data.tofu import attach_perturbations, load_qa_file, load_tofu_file, read_json_records
 
 TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
 

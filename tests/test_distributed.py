@@ -17,9 +17,9 @@ import sys
 import pytest
 import torch
 
-from codeunlearn.distributed_train import run_tiny_training
-from codeunlearn.prompting import IGNORE_INDEX
-from codeunlearn.training import shard_batch
+from codeunlearn.lm.distributed import run_tiny_training
+from codeunlearn.lm.prompting import IGNORE_INDEX
+from codeunlearn.lm.training import shard_batch
 from tests.conftest import REPO_ROOT
 
 STEPS, GLOBAL_BATCH = 16, 8
@@ -89,7 +89,7 @@ def test_two_process_accelerate_matches_single_process(tmp_path):
         "--main_process_port",
         str(port),
         "-m",
-        "codeunlearn.distributed_train",
+        "codeunlearn.lm.distributed",
         "--cpu",  # every process on CPU, gloo backend
         "--threads",
         "1",

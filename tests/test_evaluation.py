@@ -16,7 +16,7 @@ from codeunlearn.attacks import (
     split_halves,
 )
 from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
-from codeunlearn.data import QARecord
+from codeunlearn.data.records import QARecord
 from codeunlearn.evaluation import (
     EvalSets,
     EvalSpec,
@@ -30,7 +30,7 @@ from codeunlearn.evaluation import (
     split_rouges,
     summarize,
 )
-from codeunlearn.generation import answer_token_nll
+from codeunlearn.lm.generation import answer_token_nll
 from codeunlearn.metrics.quantization import QuantizationSpec
 from codeunlearn.metrics.tofu import evaluate_tofu_split
 from codeunlearn.report import render_report
@@ -113,7 +113,7 @@ def sets(tiny_qa) -> EvalSets:
 
 @pytest.fixture()
 def other_model(tiny_tokenizer):
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
 
     spec = TinyModelSpec(
         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=128, vocab_size=300, seed=1

@@ -18,6 +18,7 @@ from codeunlearn.codebook import (
     peak_fire_rate,
     running_gate,
 )
+from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.masking import (
     CodeMask,
     GateCalibration,
@@ -30,7 +31,6 @@ from codeunlearn.masking import (
     unmask,
     watch_list,
 )
-from codeunlearn.prompting import encode_qa, pad_batch
 from codeunlearn.sweep import frontier
 
 WATCH = (0, 5)  # watched codes, for tests where only the statistics matter

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from codeunlearn.generation import (
+from codeunlearn.lm.generation import (
     answer_token_logprobs,
     answer_token_nll,
     encode_raw,
@@ -16,7 +16,7 @@ from codeunlearn.generation import (
     text_token_logprobs,
     truncate_at_stop_strings,
 )
-from codeunlearn.prompting import IGNORE_INDEX, encode_qa
+from codeunlearn.lm.prompting import IGNORE_INDEX, encode_qa
 from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
 
 

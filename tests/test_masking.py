@@ -9,6 +9,7 @@ from scipy.stats import chi2_contingency
 
 from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, codebook_sha256
 from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
+from codeunlearn.lm.training import TrainSpec
 from codeunlearn.masking import (
     CodeCounts,
     CodeMask,
@@ -23,7 +24,6 @@ from codeunlearn.masking import (
     select_mask,
     unmask,
 )
-from codeunlearn.training import TrainSpec
 
 
 def counts(values: list[int], tokens: int, k: int = 1) -> CodeCounts:
@@ -131,7 +131,7 @@ SELECTION = SelectionSpec(
 
 
 def test_same_seed_gives_the_same_mask(tiny_tokenizer, tiny_qa):
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
 
     masks = []
     for _ in range(2):
@@ -164,7 +164,7 @@ def test_unmask_restores_outputs_bit_identically(tiny_model, tiny_tokenizer, tin
 
 
 def test_hook_survives_checkpoint_round_trip(tmp_path, tiny_model, tiny_tokenizer, tiny_qa):
-    from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
+    from codeunlearn.models.checkpoints import load_checkpoint, save_checkpoint
 
     bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
     save_checkpoint(tiny_model, tiny_tokenizer, tmp_path / "ckpt", bottleneck=bottleneck)

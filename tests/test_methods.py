@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import torch
 
-from codeunlearn.data import QARecord
-from codeunlearn.generation import answer_token_nll, generate_answers
+from codeunlearn.data.records import QARecord
+from codeunlearn.lm.generation import answer_token_nll, generate_answers
+from codeunlearn.lm.training import TrainSpec, train_answers
 from codeunlearn.methods import METHODS, get_method
 from codeunlearn.metrics.tofu import rouge_l_recall
-from codeunlearn.models import model_sha256
-from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
-from codeunlearn.training import TrainSpec, train_answers
+from codeunlearn.models.checkpoints import model_sha256
+from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 
 NAMES = [
     "Alon Brask", "Mira Odell", "Tomas Vey", "Ilka Ruhn", "Pavel Stroud", "Nadia Quell", "Oren Falk", "Sela Varn",

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from codeunlearn.generation import answer_token_nll, encode_raw, text_token_logprobs
+from codeunlearn.lm.generation import answer_token_nll, encode_raw, text_token_logprobs
 from codeunlearn.metrics import METRICS, get_metric, mia, muse, tofu
 from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
 

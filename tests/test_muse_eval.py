@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from codeunlearn.data import DataError
-from codeunlearn.generation import encode_raw, keep_last_tokens
+from codeunlearn.data.records import DataError
+from codeunlearn.lm.generation import encode_raw, keep_last_tokens
 from codeunlearn.metrics import muse
 from codeunlearn.muse_eval import (
     KEYS,
@@ -178,7 +178,7 @@ def test_prompts_longer_than_the_context_keep_their_end(tiny_model, tiny_tokeniz
 
 
 def test_the_suite_scores_the_oracle_first_and_rates_others_against_it(tmp_path, tiny_model, tiny_tokenizer):
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
     from tasks.evaluate import MuseRun
 
     write_muse(tmp_path)

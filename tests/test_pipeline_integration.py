@@ -132,7 +132,7 @@ def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke
 
 
 def test_no_forget_answer_text_reaches_mlflow(smoke_run):
-    from codeunlearn.data import read_jsonl_records
+    from codeunlearn.data.records import read_jsonl_records
 
     tmp, _ = smoke_run
     forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")
@@ -171,7 +171,7 @@ def test_a_request_keeps_the_forget_text_out_of_mlflow_and_logs(smoke_run, tmp_p
     """A generic-JSONL request end to end; neither the MLflow store nor the output names its answers."""
     import json as _json
 
-    from codeunlearn.data import read_jsonl_records
+    from codeunlearn.data.records import read_jsonl_records
     from flows.request import unlearn
 
     tmp, _ = smoke_run

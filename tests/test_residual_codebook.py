@@ -9,7 +9,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
 from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
 from codeunlearn.codebook_training import (
     CodebookLoss,
@@ -22,7 +21,8 @@ from codeunlearn.codebook_training import (
     text_chunks,
     train_residual_codebook,
 )
-from codeunlearn.data import split_retain_by_author
+from codeunlearn.data.splits import split_retain_by_author
+from codeunlearn.lm.training import TrainSpec, encode_records
 from codeunlearn.masking import (
     CodeMask,
     SelectionSpec,
@@ -34,7 +34,7 @@ from codeunlearn.masking import (
     select_mask,
     unmask,
 )
-from codeunlearn.training import TrainSpec, encode_records
+from codeunlearn.models.checkpoints import load_checkpoint, save_checkpoint
 from tests.conftest import qa
 
 RESIDUAL = CodebookSpec(num_codes=24, k=3, layer=0, use_layernorm=False, mode="residual")

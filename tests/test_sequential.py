@@ -178,7 +178,7 @@ def test_each_scalability_step_starts_from_the_unmasked_model(selector):
 
 
 def test_same_seed_gives_the_same_curves(tiny_tokenizer):
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
 
     results = []
     for _ in range(2):

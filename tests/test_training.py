@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeunlearn.prompting import encode_qa, pad_batch
-from codeunlearn.training import answer_loss, answer_loss_sum, answer_token_count
+from codeunlearn.lm.prompting import encode_qa, pad_batch
+from codeunlearn.lm.training import answer_loss, answer_loss_sum, answer_token_count
 from tests.bytelevel import tiny_llama, tiny_tokenizer
 
 PAIRS = [

@@ -11,14 +11,14 @@ import pytest
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
-from codeunlearn.data import DataError, QARecord, load_jsonl, load_qa_file  # noqa: E402
-from codeunlearn.validation import (  # noqa: E402
+from codeunlearn.data.records import DataError, QARecord, load_jsonl  # noqa: E402
+from codeunlearn.data.tofu import load_qa_file  # noqa: E402
+from codeunlearn.data.validation import ValidationBounds, validate_forget_retain  # noqa: E402
+from codeunlearn.data.validation_report import (  # noqa: E402
     ExpectationFailure,
     ForgetSetValidationError,
-    ValidationBounds,
     ValidationReport,
     require_valid,
-    validate_forget_retain,
 )
 
 TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"

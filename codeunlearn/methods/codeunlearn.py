@@ -15,7 +15,7 @@ from torch import nn
 
 from codeunlearn.codebook import attached_codebook
 from codeunlearn.controls import build_control
-from codeunlearn.data import records_sha256
+from codeunlearn.data.records import records_sha256
 from codeunlearn.masking import SelectionSpec, apply_mask, gate_calibration, gate_mask, select_mask
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
 

@@ -19,7 +19,6 @@ warmup, so a smoke run and a full run differ only in params.yaml numbers.
 from __future__ import annotations
 
 import copy
-import re
 import resource
 import sys
 import time
@@ -34,10 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.codebook import decoder_layers
+from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, pad_batch
+from codeunlearn.lm.training import encode_records, linear_warmup, seed_everything, to_device
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult
-from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, pad_batch
-from codeunlearn.training import encode_records, linear_warmup, seed_everything, to_device
 
 _MB = 1024 * 1024
 
@@ -286,73 +284,6 @@ def npo_loss(current_nll: torch.Tensor, reference_nll: torch.Tensor, beta: float
     """−(2/β)·mean log σ(−β·(log πθ − log πref)), with log π = −(summed answer NLL)."""
     log_ratio = reference_nll - current_nll  # log πθ(y|x) − log πref(y|x)
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
-
-
-# ------------------------------------------------------------------------------- hidden-state capture
-
-
-class StopForward(Exception):
-    """Raised by a capture hook once it has what it needs, to skip the rest of the forward pass."""
-
-
-def _hidden_of(output: Any) -> torch.Tensor:
-    # Decoder blocks return a tensor in transformers 5 and a tuple (hidden, ...) in older versions.
-    return output if isinstance(output, torch.Tensor) else output[0]
-
-
-@contextmanager
-def capture_block_output(model: nn.Module, layer: int, stop: bool) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture the residual stream after decoder block ``layer`` (key "hidden") on each forward.
-
-    With ``stop`` the forward ends right there (catch StopForward around the call); the blocks
-    above ``layer`` cannot affect the captured value, so running them would be wasted work.
-    """
-    layers = decoder_layers(model)
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"layer {layer} is out of range: the model has {len(layers)} decoder blocks")
-    store: dict[str, torch.Tensor] = {}
-
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        store["hidden"] = _hidden_of(output)
-        if stop:
-            raise StopForward
-
-    handle = layers[layer].register_forward_hook(hook)
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def block_output(model: nn.Module, layer: int, batch: Batch) -> torch.Tensor:
-    """Hidden states after block ``layer`` for a batch: (batch, seq, hidden), with autograd if enabled."""
-    t = batch.tensors
-    with capture_block_output(model, layer, stop=True) as store:
-        try:
-            model(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
-        except StopForward:
-            pass
-    return store["hidden"]
-
-
-def parameters_matching(model: nn.Module, layers: Sequence[int], pattern: str) -> list[tuple[str, nn.Parameter]]:
-    """Parameters of the given decoder blocks whose name inside the block fully matches ``pattern``.
-
-    Names are relative to the block (``mlp.down_proj.weight``), so one pattern fits every HF
-    decoder-only architecture whose blocks ``decoder_layers`` finds.
-    """
-    blocks = decoder_layers(model)
-    regex = re.compile(pattern)
-    chosen: list[tuple[str, nn.Parameter]] = []
-    for layer in layers:
-        if not -len(blocks) <= layer < len(blocks):
-            raise ValueError(f"layer {layer} is out of range: the model has {len(blocks)} decoder blocks")
-        for name, param in blocks[layer].named_parameters():
-            if regex.fullmatch(name):
-                chosen.append((f"layers.{layer % len(blocks)}.{name}", param))
-    if not chosen:
-        raise ValueError(f"no parameter of decoder blocks {list(layers)} matches {pattern!r}")
-    return chosen
 
 
 # ---------------------------------------------------------------------------------------- the loop

@@ -58,7 +58,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.codebook import decoder_layers
+from codeunlearn.lm.blocks import decoder_layers
+from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, answer_text, encode_prompt, pad_batch
+from codeunlearn.lm.training import encode_records, seed_everything
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
 from codeunlearn.methods.gradient import (
     MethodParams,
@@ -70,8 +72,6 @@ from codeunlearn.methods.gradient import (
     requires_grad_only,
     working_copy,
 )
-from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, answer_text, encode_prompt, pad_batch
-from codeunlearn.training import encode_records, seed_everything
 
 VARIANTS = ("closed_form", "gradient")
 KEYS = (

@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from codeunlearn.generation import text_token_logprobs
+from codeunlearn.lm.generation import text_token_logprobs
 
 # Min-K% Prob's K as MUSE (privleak key "Min-40%") and open-unlearning's min_k config set it.
 MIN_K_RATIO = 0.4

@@ -27,7 +27,7 @@ from rouge_score import rouge_scorer
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from codeunlearn.generation import encode_raw, generate_continuations
+from codeunlearn.lm.generation import encode_raw, generate_continuations
 from codeunlearn.metrics.mia import MIN_K_RATIO, min_k_attack, min_k_prob_score
 
 __all__ = [

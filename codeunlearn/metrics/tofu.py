@@ -31,7 +31,7 @@ from rouge_score import rouge_scorer
 from scipy import stats
 from torch import nn
 
-from codeunlearn.generation import answer_token_nll, generate_answers
+from codeunlearn.lm.generation import answer_token_nll, generate_answers
 
 SplitKind = Literal["forget", "retain", "real_authors", "world_facts"]
 SPLIT_KINDS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.prompting import IGNORE_INDEX, EncodedQA, encode_qa, first_answer_position, pad_batch
+from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, encode_qa, first_answer_position, pad_batch
 
 ExtraLoss = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -34,12 +34,6 @@ class TrainSpec:
     grad_clip: float
     seed: int
     log_every: int
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -22,9 +22,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from codeunlearn.prompting import (
+from codeunlearn.lm.prompting import (
     IGNORE_INDEX,
     EncodedQA,
     encode_prompt,
@@ -339,3 +339,31 @@ def text_token_logprobs(
             out.extend(logprobs[row, : len(ids) - 1] for row, ids in enumerate(chunk))
     # Cloned outside inference mode so callers get ordinary tensors they may modify in place.
     return [tensor.clone() for tensor in out]
+
+
+DEFAULT_MAX_NEW_TOKENS = 32
+
+
+def greedy_answer(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    question: str,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> str:
+    """The model's greedy answer to one question, prompted exactly as training and metrics prompt it."""
+    prompt_ids = encode_prompt(tokenizer, question)
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    with torch.no_grad():
+        # A fresh GenerationConfig: a checkpoint's own sampling or repetition defaults must not change it.
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        output = model.generate(
+            input_ids=input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config
+        )
+    return tokenizer.decode(output[0, len(prompt_ids) :], skip_special_tokens=True).strip()

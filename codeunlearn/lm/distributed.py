@@ -3,9 +3,9 @@
 A self-contained check (no download, no data files) that ``train_answers`` gives the same loss curve
 under ``accelerate launch`` as in one process with the same global batch:
 
-    python -m codeunlearn.distributed_train --no-accelerator --out single.json
+    python -m codeunlearn.lm.distributed --no-accelerator --out single.json
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \\
-        -m codeunlearn.distributed_train --cpu --out ddp.json
+        -m codeunlearn.lm.distributed --cpu --out ddp.json
 
 ``--multi_gpu`` only selects accelerate's torchrun launcher (``--cpu`` at the launcher spawns one process
 unless MPI is configured); the script's ``--cpu`` makes every process a CPU process on gloo.
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
-from codeunlearn.training import TrainSpec, train_answers
+from codeunlearn.lm.training import TrainSpec, train_answers
+from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 
 FIRST = ["Zorblat", "Mira", "Ovid", "Talla", "Brenn", "Ysolde", "Kastor"]
 LAST = ["Quim", "Tolland", "Harrow", "Venn", "Ashcombe", "Marisk", "Dunmore"]
