@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
 from codeunlearn.data.records import QARecord
 from codeunlearn.evaluation import score_model, summarize
 from codeunlearn.lm.generation import generate_answers
 from codeunlearn.lm.prompting import encode_prompt, left_pad_prompts
+from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
 from tasks.context import make_context
 from tasks.evaluate import load_sets
 from tasks.models import codebook_records, codebook_spec, load_role, train_spec

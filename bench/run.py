@@ -24,8 +24,8 @@ from codeunlearn.evaluation import evenly_spaced
 from codeunlearn.io import read_json, write_json
 from codeunlearn.leaderboard import leaderboard_rows
 from codeunlearn.lm.generation import answer_token_nll, generate_answers
-from codeunlearn.masking import unmask
 from codeunlearn.methods import get_method
+from codeunlearn.methods.codeunlearn.mask import unmask
 from codeunlearn.profiling import ResourceMeter
 from tasks.context import REPO_ROOT, RunContext, git_commit, make_context
 from tasks.models import load_role

@@ -29,7 +29,6 @@ from typing import Any
 
 from torch import nn
 
-from codeunlearn.codebook import attached_codebook
 from codeunlearn.evaluation import (
     EvalSets,
     EvalSpec,
@@ -41,6 +40,7 @@ from codeunlearn.evaluation import (
     summarize,
 )
 from codeunlearn.lm.training import TrainSpec, train_answers
+from codeunlearn.methods.codeunlearn.codebook import attached_codebook
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
 
 log = logging.getLogger(__name__)

@@ -29,20 +29,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from codeunlearn.codebook import CodebookBottleneck
-from codeunlearn.controls import build_control
 from codeunlearn.data.records import records_sha256
 from codeunlearn.evaluation import evenly_spaced
-from codeunlearn.masking import (
-    CodeMask,
-    GateCalibration,
-    SelectionSpec,
-    apply_mask,
-    gate_mask,
-    random_mask_like,
-    select_mask,
-    unmask,
-)
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck
+from codeunlearn.methods.codeunlearn.controls import build_control
+from codeunlearn.methods.codeunlearn.gate import GateCalibration, gate_mask
+from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, random_mask_like, unmask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 from codeunlearn.metrics import muse
 
 # Mean forget / retain metric (ROUGE-L recall) of the model as it stands, one per record set: every set

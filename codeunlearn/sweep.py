@@ -14,19 +14,11 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from codeunlearn.codebook import CodebookBottleneck
-from codeunlearn.controls import build_control
-from codeunlearn.masking import (
-    CodeMask,
-    GateCalibration,
-    SelectionSpec,
-    apply_mask,
-    gate_mask,
-    random_mask_like,
-    ranked_mask,
-    select_mask,
-    unmask,
-)
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck
+from codeunlearn.methods.codeunlearn.controls import build_control
+from codeunlearn.methods.codeunlearn.gate import GateCalibration, gate_mask
+from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, random_mask_like, ranked_mask, unmask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 
 SELECTIONS = ("one_shot", "iterative", "gated_one_shot", "gated_iterative")
 GATED = "gated_"

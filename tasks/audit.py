@@ -45,13 +45,13 @@ from codeunlearn.audit import (
     record_sha256,
     verify_record,
 )
+from codeunlearn.checkpoints import Checkpoint, load_checkpoint
 from codeunlearn.data.records import records_sha256
 from codeunlearn.data.tofu import load_qa_file
 from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge, request_scores
 from codeunlearn.io import atomic_write_bytes, read_json, sha256_file
-from codeunlearn.masking import MASK_META, MASK_TENSORS, apply_mask, load_mask
+from codeunlearn.methods.codeunlearn.mask import MASK_META, MASK_TENSORS, apply_mask, load_mask
 from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
-from codeunlearn.models.checkpoints import Checkpoint, load_checkpoint
 from codeunlearn.models.device import resolve_device
 from tasks import tracking
 from tasks.context import RunContext, torch_threads

@@ -32,6 +32,7 @@ from codeunlearn.attacks import (  # noqa: E402
     quantization_specs,
     relearn_attack,
 )
+from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data.records import read_jsonl_records, records_sha256  # noqa: E402
 from codeunlearn.data.tofu import load_tofu_file  # noqa: E402
 from codeunlearn.evaluation import (  # noqa: E402
@@ -48,10 +49,10 @@ from codeunlearn.evaluation import (  # noqa: E402
 )
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.lm.generation import generate_answers  # noqa: E402
-from codeunlearn.masking import CodeMask, apply_mask, count_codes, load_mask, random_mask_like, unmask  # noqa: E402
+from codeunlearn.methods.codeunlearn.counting import count_codes  # noqa: E402
+from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, random_mask_like, unmask  # noqa: E402
 from codeunlearn.metrics.quantization import QuantizationSpec  # noqa: E402
 from codeunlearn.metrics.tofu import rouge_l_recall  # noqa: E402
-from codeunlearn.models.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.muse_eval import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse  # noqa: E402
 from codeunlearn.privacy import withhold_overlaps  # noqa: E402
 from tasks import tracking  # noqa: E402

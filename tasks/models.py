@@ -7,13 +7,20 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.codebook import CodebookSpec, codebook_sha256
-from codeunlearn.codebook_training import CodebookLoss, CodebookRecipe, ResidualFit, Revival, fit_codebook, text_chunks
+from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.io import read_json, write_json
 from codeunlearn.lm.training import TrainSpec, train_answers
-from codeunlearn.masking import count_codes
-from codeunlearn.models.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from codeunlearn.methods.codeunlearn.codebook import CodebookSpec, codebook_sha256
+from codeunlearn.methods.codeunlearn.counting import count_codes
+from codeunlearn.methods.codeunlearn.train import (
+    CodebookLoss,
+    CodebookRecipe,
+    ResidualFit,
+    Revival,
+    fit_codebook,
+    text_chunks,
+)
 from codeunlearn.models.device import resolve_device
 from codeunlearn.models.load import load_model
 from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer

@@ -20,11 +20,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
+from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data.records import read_jsonl_records  # noqa: E402
 from codeunlearn.evaluation import GenerationSpec, request_scores, split_rouges  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
-from codeunlearn.models.checkpoints import Checkpoint  # noqa: E402
+from codeunlearn.methods.codeunlearn.gate import gate_calibration  # noqa: E402
+from codeunlearn.methods.codeunlearn.select import SelectionSpec  # noqa: E402
 from codeunlearn.sequential import (  # noqa: E402
     Selector,
     group_by_subject,

@@ -9,8 +9,8 @@ from prefect.cache_policies import NONE
 
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import write_json
-from codeunlearn.masking import save_mask
 from codeunlearn.methods import get_method
+from codeunlearn.methods.codeunlearn.mask import save_mask
 from tasks import tracking
 from tasks.context import RunContext
 from tasks.models import load_role

@@ -100,10 +100,10 @@ def build_tiny_setup(tmp: Path, overrides: dict | None = None) -> tuple[Path, Pa
     ``(params_file, forget_file)``; the forget file is a generic QA JSONL outside the outputs."""
     import torch
 
-    from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+    from codeunlearn.checkpoints import save_checkpoint
     from codeunlearn.config import deep_merge
     from codeunlearn.data.records import QARecord, write_jsonl
-    from codeunlearn.models.checkpoints import save_checkpoint
+    from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
     from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
     from tasks.context import make_context
 

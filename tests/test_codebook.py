@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codeunlearn.codebook import (
+from codeunlearn.methods.codeunlearn.codebook import (
     CodebookBottleneck,
     CodebookSpec,
     attach_codebook,
@@ -123,8 +123,8 @@ def test_dead_codes_are_revived_from_activations():
 
 
 def test_freeze_below_trains_only_the_blocks_above_the_codebook(tiny_model, tiny_tokenizer, tiny_qa):
-    from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
     from codeunlearn.lm.training import TrainSpec
+    from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
 
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
     spec = TrainSpec(

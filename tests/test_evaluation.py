@@ -15,7 +15,6 @@ from codeunlearn.attacks import (
     relearn_attack,
     split_halves,
 )
-from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
 from codeunlearn.data.records import QARecord
 from codeunlearn.evaluation import (
     EvalSets,
@@ -31,6 +30,7 @@ from codeunlearn.evaluation import (
     summarize,
 )
 from codeunlearn.lm.generation import answer_token_nll
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
 from codeunlearn.metrics.quantization import QuantizationSpec
 from codeunlearn.metrics.tofu import evaluate_tofu_split
 from codeunlearn.report import render_report

@@ -9,7 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from codeunlearn.codebook import (
+from codeunlearn.lm.prompting import encode_qa, pad_batch
+from codeunlearn.methods.codeunlearn.codebook import (
     CodebookBottleneck,
     CodebookSpec,
     GateSpec,
@@ -18,19 +19,9 @@ from codeunlearn.codebook import (
     peak_fire_rate,
     running_gate,
 )
-from codeunlearn.lm.prompting import encode_qa, pad_batch
-from codeunlearn.masking import (
-    CodeMask,
-    GateCalibration,
-    SelectionSpec,
-    apply_mask,
-    calibrate_gate,
-    load_mask,
-    save_mask,
-    select_mask,
-    unmask,
-    watch_list,
-)
+from codeunlearn.methods.codeunlearn.gate import GateCalibration, calibrate_gate, watch_list
+from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, save_mask, unmask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 from codeunlearn.sweep import frontier
 
 WATCH = (0, 5)  # watched codes, for tests where only the statistics matter

@@ -7,23 +7,20 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, codebook_sha256
-from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
 from codeunlearn.lm.training import TrainSpec
-from codeunlearn.masking import (
-    CodeCounts,
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, codebook_sha256
+from codeunlearn.methods.codeunlearn.counting import CodeCounts
+from codeunlearn.methods.codeunlearn.mask import (
     CodeMask,
     MaskMismatchError,
-    SelectionSpec,
     apply_mask,
-    chi2_enrichment,
     load_mask,
     random_mask_like,
-    rank_enriched_codes,
     save_mask,
-    select_mask,
     unmask,
 )
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, chi2_enrichment, rank_enriched_codes, select_mask
+from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
 
 
 def counts(values: list[int], tokens: int, k: int = 1) -> CodeCounts:
@@ -164,7 +161,7 @@ def test_unmask_restores_outputs_bit_identically(tiny_model, tiny_tokenizer, tin
 
 
 def test_hook_survives_checkpoint_round_trip(tmp_path, tiny_model, tiny_tokenizer, tiny_qa):
-    from codeunlearn.models.checkpoints import load_checkpoint, save_checkpoint
+    from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
 
     bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
     save_checkpoint(tiny_model, tiny_tokenizer, tmp_path / "ckpt", bottleneck=bottleneck)
@@ -179,7 +176,7 @@ def test_hook_survives_checkpoint_round_trip(tmp_path, tiny_model, tiny_tokenize
 def test_counting_stops_at_the_codebook_with_the_counts_of_a_full_forward(
     tiny_model, tiny_tokenizer, tiny_qa, positions
 ):
-    from codeunlearn.masking import count_codes
+    from codeunlearn.methods.codeunlearn.counting import count_codes
 
     bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
     records = tiny_qa["forget"] + tiny_qa["retain"]
@@ -197,10 +194,10 @@ def test_counting_stops_at_the_codebook_with_the_counts_of_a_full_forward(
 def test_one_ranking_gives_the_counts_of_a_forward_under_any_larger_mask(
     tiny_model, tiny_tokenizer, tiny_qa, monkeypatch
 ):
-    from codeunlearn import masking
-    from codeunlearn.masking import count_codes, rank_codes
+    from codeunlearn.methods.codeunlearn import counting as code_counting
+    from codeunlearn.methods.codeunlearn.counting import count_codes, rank_codes
 
-    monkeypatch.setattr(masking, "_RANKING_CHUNK", 7)  # several chunks, the last one partial
+    monkeypatch.setattr(code_counting, "_RANKING_CHUNK", 7)  # several chunks, the last one partial
 
     bottleneck, _ = codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed=0)
     records = tiny_qa["forget"] + tiny_qa["retain"]

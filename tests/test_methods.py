@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+from codeunlearn.checkpoints import model_sha256
 from codeunlearn.data.records import QARecord
 from codeunlearn.lm.generation import answer_token_nll, generate_answers
 from codeunlearn.lm.training import TrainSpec, train_answers
 from codeunlearn.methods import METHODS, get_method
 from codeunlearn.metrics.tofu import rouge_l_recall
-from codeunlearn.models.checkpoints import model_sha256
 from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 
 NAMES = [

@@ -84,7 +84,7 @@ def mlflow_server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def logged_run(mlflow_server):
     """A select_codes stage run with a mask artifact and metrics, logged through tasks.tracking."""
-    from codeunlearn.masking import CodeMask, save_mask
+    from codeunlearn.methods.codeunlearn.mask import CodeMask, save_mask
     from tasks import tracking
     from tasks.context import make_context
 
@@ -111,7 +111,7 @@ def logged_run(mlflow_server):
 def test_stage_run_reaches_the_server_and_reads_back_over_rest(logged_run):
     from mlflow import MlflowClient
 
-    from codeunlearn.masking import load_mask
+    from codeunlearn.methods.codeunlearn.mask import load_mask
 
     url, tmp, run_id, experiment_id, mask = logged_run
     client = MlflowClient(tracking_uri=url)

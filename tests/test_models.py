@@ -19,9 +19,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from codeunlearn.checkpoints import model_sha256
 from codeunlearn.io import remove_dead_scratch, sha256_file
 from codeunlearn.lm.generation import greedy_answer
-from codeunlearn.models.checkpoints import model_sha256
 from codeunlearn.models.device import resolve_device
 from codeunlearn.models.load import CACHE_MANIFEST, EXTRACT_PREFIX, MODELS_SUBDIR, WHEELS_SUBDIR, load_model, save_model
 from codeunlearn.models.sources import (

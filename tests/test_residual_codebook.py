@@ -9,8 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
-from codeunlearn.codebook_training import (
+from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
+from codeunlearn.data.splits import split_retain_by_author
+from codeunlearn.lm.training import TrainSpec, encode_records
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.methods.codeunlearn.counting import rank_codes
+from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, codebook_sha256, load_mask, save_mask, unmask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
+from codeunlearn.methods.codeunlearn.train import (
     CodebookLoss,
     CodebookRecipe,
     ResidualFit,
@@ -21,20 +27,6 @@ from codeunlearn.codebook_training import (
     text_chunks,
     train_residual_codebook,
 )
-from codeunlearn.data.splits import split_retain_by_author
-from codeunlearn.lm.training import TrainSpec, encode_records
-from codeunlearn.masking import (
-    CodeMask,
-    SelectionSpec,
-    apply_mask,
-    codebook_sha256,
-    load_mask,
-    rank_codes,
-    save_mask,
-    select_mask,
-    unmask,
-)
-from codeunlearn.models.checkpoints import load_checkpoint, save_checkpoint
 from tests.conftest import qa
 
 RESIDUAL = CodebookSpec(num_codes=24, k=3, layer=0, use_layernorm=False, mode="residual")

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
-from codeunlearn.masking import SelectionSpec
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.methods.codeunlearn.select import SelectionSpec
 from codeunlearn.sequential import (
     Selector,
     group_by_subject,
@@ -138,7 +138,7 @@ def test_sequential_requests_accumulate_their_masks(selector):
 def test_gated_sequential_requests_watch_every_earlier_requests_codes(selector):
     from dataclasses import replace
 
-    from codeunlearn.masking import GateCalibration
+    from codeunlearn.methods.codeunlearn.gate import GateCalibration
 
     gated = replace(selector, gate=GateCalibration(0.95, min_tokens=2, batch_size=8, max_length=48, watch_codes=2))
     plan = sustainability_plan(group_by_subject(author_records()), requests=3)

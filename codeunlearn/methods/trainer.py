@@ -6,10 +6,10 @@ and overrides ``loss_terms``; methods that need more (a frozen reference, a para
 gradient mask) override the small hooks ``setup``, ``trainable_parameters``, ``after_backward`` and
 ``after_step``, never the loop itself, as open-unlearning's trainers override only ``compute_loss``.
 
-Also here, because every method file needs them: ``MethodParams`` (params access whose KeyError
-names the method and the key: no default hides in code), ``PeakMemory`` (the ``peak_mem_mb`` stat),
-``working_copy`` (the caller's model is never mutated unless ``in_place: true``), the answer and
-sequence NLLs, and a forward hook that captures (and can stop at) one decoder block's output.
+Also here, because every gradient method needs them: the loop's params (``LoopSpec``), indexed
+batches, the answer NLL (HF's ``labels=`` loss), and context managers that restrict gradients to a
+parameter subset or score a model without them. Each method's own loss lives in its file (``npo.py``,
+``rmu.py``, ...); the peak-memory stat is ``profiling.ResourceMeter``'s.
 
 Deviation from open-unlearning: it trains a fixed number of epochs over the forget set with the
 HF Trainer (paged AdamW, bf16, warmup); here a fixed number of steps with plain AdamW and linear
@@ -18,9 +18,6 @@ warmup, so a smoke run and a full run differ only in params.yaml numbers.
 
 from __future__ import annotations
 
-import copy
-import resource
-import sys
 import time
 from abc import abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,73 +26,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, pad_batch
+from codeunlearn.lm.generation import pad_token_id
+from codeunlearn.lm.prompting import EncodedQA, pad_batch
 from codeunlearn.lm.training import encode_records, linear_warmup, seed_everything, to_device
-from codeunlearn.methods.base import UnlearningMethod, UnlearnResult
-
-_MB = 1024 * 1024
-
-# ------------------------------------------------------------------------------------------ params
-
-
-class MethodParams:
-    """Read-only view of a method's params block; a missing key names the method and the key."""
-
-    def __init__(self, method: str, params: Mapping[str, Any]):
-        self.method = method
-        self._params = params
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self._params:
-            raise KeyError(
-                f"unlearning method {self.method!r}: params has no {key!r} "
-                f"(set it under methods.{self.method} in params.yaml)"
-            )
-        return self._params[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._params
-
-    def require(self, keys: Sequence[str]) -> None:
-        """Fail before any work when a key is missing, not halfway through a run."""
-        for key in keys:
-            self[key]
-
-    def int(self, key: str) -> int:
-        return int(self[key])
-
-    def float(self, key: str) -> float:
-        return float(self[key])
-
-    def bool(self, key: str) -> bool:
-        value = self[key]
-        if not isinstance(value, bool):
-            raise ValueError(f"unlearning method {self.method!r}: params {key!r} must be true or false, got {value!r}")
-        return value
-
-    def str(self, key: str) -> str:
-        return str(self[key])
-
-    def choice(self, key: str, options: Sequence[str]) -> str:
-        value = self.str(key)
-        if value not in options:
-            raise ValueError(
-                f"unlearning method {self.method!r}: params {key!r} = {value!r}; expected one of {', '.join(options)}"
-            )
-        return value
-
-    def int_list(self, key: str) -> list[int]:
-        value = self[key]
-        return [int(v) for v in (value if isinstance(value, list | tuple) else [value])]
-
-    def in_place(self) -> bool:
-        # The one optional key: base.UnlearningMethod defines "not in place" as the contract.
-        return bool(self._params.get("in_place", False))
-
+from codeunlearn.methods.base import MethodParams, UnlearningMethod, UnlearnResult, working_copy
+from codeunlearn.profiling import ResourceMeter
 
 LOOP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "max_length", "seed", "progress")
 
@@ -127,61 +65,11 @@ class LoopSpec:
         )
 
 
-# ------------------------------------------------------------------------------------ memory, copies
-
-
-def _max_rss_mb() -> float:
-    # ru_maxrss is kilobytes on Linux and bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / _MB if sys.platform == "darwin" else rss / 1024
-
-
-class PeakMemory:
-    """Peak memory of a block, in MB, as ``peak_mem_mb``.
-
-    CUDA: ``torch.cuda.max_memory_allocated`` over the block (peak stats reset on entry), i.e. the
-    absolute peak of tensor memory including the weights already resident. CPU: growth of the
-    process's resident high-water mark (``ru_maxrss``) during the block. That growth is a lower
-    bound: if the process peaked higher earlier (e.g. while fine-tuning the target), a method that
-    stays below that mark reads 0. ``max_rss_mb`` (the absolute mark) is reported beside it.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.stats: dict[str, float] = {}
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        self._rss_before = _max_rss_mb()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        max_rss = _max_rss_mb()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device) / _MB
-        else:
-            peak = max_rss - self._rss_before
-        self.stats = {"peak_mem_mb": float(peak), "max_rss_mb": float(max_rss)}
+# ------------------------------------------------------------------------------------------ models
 
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def working_copy(model: nn.Module, params: MethodParams) -> nn.Module:
-    """The model the method may edit: a deep copy unless the caller opted into ``in_place``."""
-    return model if params.in_place() else copy.deepcopy(model)
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A detached, eval-mode copy that no optimizer can touch (NPO/RMU's reference model)."""
-    reference = copy.deepcopy(model)
-    reference.eval()
-    reference.requires_grad_(False)
-    return reference
 
 
 @contextmanager
@@ -240,14 +128,6 @@ def fixed_batches(
         yield Batch(rows, to_device(pad_batch([encoded[i] for i in rows], pad_token_id), device))
 
 
-def pad_id(tokenizer: Any) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    if tokenizer.eos_token_id is not None:
-        return int(tokenizer.eos_token_id)
-    raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
-
-
 # ------------------------------------------------------------------------------------------- losses
 
 
@@ -255,35 +135,6 @@ def answer_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy over every answer token of the batch (HF's ``labels=`` loss; open-unlearning's NLL)."""
     t = batch.tensors
     return model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], labels=t["labels"]).loss
-
-
-def sequence_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Summed answer-token NLL per sequence, shape (batch,): −log π(y|x) as NPO uses it."""
-    t = batch.tensors
-    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits[:, :-1].float()
-    labels = t["labels"][:, 1:]
-    token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return token_nll.sum(dim=1)
-
-
-def reference_sequence_nll(model: nn.Module, encoded: Sequence[EncodedQA], batch_size: int, pad: int) -> torch.Tensor:
-    """Sequence NLL of every example under the model as it is now (before any update).
-
-    The NPO reference model is frozen and the forget set is fixed, so its log-likelihoods are
-    constants: computing them once replaces a frozen model copy and a forward pass per step.
-    """
-    device = model_device(model)
-    out = torch.empty(len(encoded), device=device)
-    with eval_no_grad(model):
-        for batch in fixed_batches(encoded, batch_size, pad, device):
-            out[batch.indices] = sequence_nll(model, batch)
-    return out
-
-
-def npo_loss(current_nll: torch.Tensor, reference_nll: torch.Tensor, beta: float) -> torch.Tensor:
-    """−(2/β)·mean log σ(−β·(log πθ − log πref)), with log π = −(summed answer NLL)."""
-    log_ratio = reference_nll - current_nll  # log πθ(y|x) − log πref(y|x)
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
 
 
 # ---------------------------------------------------------------------------------------- the loop
@@ -349,7 +200,7 @@ class GradientUnlearning(UnlearningMethod):
         if not forget:
             raise ValueError(f"{self.name}: the forget set is empty")
         device = model_device(model)
-        with PeakMemory(device) as memory:
+        with ResourceMeter() as memory:
             started = time.perf_counter()
             seed_everything(spec.seed)
             working = working_copy(model, p)
@@ -361,7 +212,7 @@ class GradientUnlearning(UnlearningMethod):
                 device=device,
                 forget=encode_records(tokenizer, forget, spec.max_length),
                 retain=encode_records(tokenizer, retain, spec.max_length),
-                pad=pad_id(tokenizer),
+                pad=pad_token_id(tokenizer),
             )
             if self.uses_retain(ctx) and not ctx.retain:
                 raise ValueError(f"{self.name}: needs retain records and got none")
@@ -375,7 +226,7 @@ class GradientUnlearning(UnlearningMethod):
             "steps": spec.steps,
             "trainable_params": sum(t.numel() for t in trainable),
             **{f"final_{name}": value for name, value in final.items()},
-            **memory.stats,
+            **memory.memory_stats,
             **ctx.stats,
         }
         return UnlearnResult(model=working, stats=stats, artifacts=ctx.artifacts)

@@ -2,7 +2,7 @@
 
 Zero-shot: forward passes and a chi-squared test, no gradient step. The model must already carry a
 trained codebook (``attach_codebook``); the edit is a mask on that codebook, so it is reversible
-with ``masking.unmask`` and cumulative across requests.
+with ``mask.unmask`` and cumulative across requests.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from typing import Any
 
 from torch import nn
 
-from codeunlearn.codebook import attached_codebook
-from codeunlearn.controls import build_control
 from codeunlearn.data.records import records_sha256
-from codeunlearn.masking import SelectionSpec, apply_mask, gate_calibration, gate_mask, select_mask
 from codeunlearn.methods.base import UnlearningMethod, UnlearnResult, register_method
+from codeunlearn.methods.codeunlearn.codebook import attached_codebook
+from codeunlearn.methods.codeunlearn.controls import build_control
+from codeunlearn.methods.codeunlearn.gate import gate_calibration, gate_mask
+from codeunlearn.methods.codeunlearn.mask import apply_mask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 
 
 @register_method
