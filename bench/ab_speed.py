@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import codeunlearn
-from codeunlearn.evaluation import EvalSpec, score_model
+from codeunlearn.eval.scoring import score_model
+from codeunlearn.eval.sets import EvalSpec
 from codeunlearn.lm.training import TrainSpec, train_answers
 from tasks.context import make_context
 from tasks.evaluate import load_sets

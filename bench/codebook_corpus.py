@@ -24,7 +24,7 @@ import torch
 from transformers import GenerationConfig
 
 from codeunlearn.data.records import QARecord
-from codeunlearn.evaluation import score_model, summarize
+from codeunlearn.eval.scoring import score_model, summarize
 from codeunlearn.lm.generation import generate_answers
 from codeunlearn.lm.prompting import encode_prompt, left_pad_prompts
 from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook

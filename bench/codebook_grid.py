@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from codeunlearn.data.records import read_jsonl_records
-from codeunlearn.evaluation import evenly_spaced, request_scores, split_rouges
+from codeunlearn.eval.scoring import request_scores, split_rouges
+from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.methods.codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
 from codeunlearn.methods.codeunlearn.gate import gate_calibration, gate_mask
 from codeunlearn.methods.codeunlearn.mask import apply_mask, random_mask_like, ranked_mask, unmask

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from codeunlearn.data.records import read_jsonl_records
-from codeunlearn.evaluation import evenly_spaced
+from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.io import read_json, write_json
 from codeunlearn.leaderboard import leaderboard_rows
 from codeunlearn.lm.generation import answer_token_nll, generate_answers

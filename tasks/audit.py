@@ -32,7 +32,8 @@ from mlflow.exceptions import MlflowException
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.attacks import relearn_attack
+from codeunlearn.attacks.quantize import QuantizationSpec, quantized_copy
+from codeunlearn.attacks.relearn import relearn_attack
 from codeunlearn.audit import (
     Thresholds,
     artifact_entry,
@@ -48,10 +49,11 @@ from codeunlearn.audit import (
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint
 from codeunlearn.data.records import records_sha256
 from codeunlearn.data.tofu import load_qa_file
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge, request_scores
+from codeunlearn.eval.scoring import forget_retain_rouge, request_scores
+from codeunlearn.eval.sets import GenerationSpec, evenly_spaced
 from codeunlearn.io import atomic_write_bytes, read_json, sha256_file
 from codeunlearn.methods.codeunlearn.mask import MASK_META, MASK_TENSORS, apply_mask, load_mask
-from codeunlearn.metrics.quantization import QuantizationSpec, quantized_copy, recovery
+from codeunlearn.metrics.recovery import recovery
 from codeunlearn.models.device import resolve_device
 from tasks import tracking
 from tasks.context import RunContext, torch_threads

@@ -15,7 +15,7 @@ from prefect.cache_policies import NONE  # noqa: E402
 from codeunlearn.checkpoints import load_checkpoint, save_checkpoint  # noqa: E402
 from codeunlearn.config import settings_hash  # noqa: E402
 from codeunlearn.data.records import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import ModelScores, flatten_metrics  # noqa: E402
+from codeunlearn.eval.scoring import ModelScores, flatten_metrics  # noqa: E402
 from codeunlearn.io import atomic_write_text, read_json, write_json  # noqa: E402
 from codeunlearn.leaderboard import leaderboard_rows, to_csv, to_markdown  # noqa: E402
 from codeunlearn.methods import get_method  # noqa: E402

@@ -16,7 +16,7 @@ from codeunlearn.config import load_settings, settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.data.splits import split_retain_by_author
 from codeunlearn.data.tofu import load_tofu_file
-from codeunlearn.evaluation import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records
+from codeunlearn.eval.sets import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"

@@ -26,34 +26,24 @@ import numpy as np  # noqa: E402
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
-from codeunlearn.attacks import (  # noqa: E402
-    RelearnSpec,
+from codeunlearn.attacks.quantize import (  # noqa: E402
+    QuantizationSpec,  # noqa: E402
     quantization_attack,
     quantization_specs,
-    relearn_attack,
 )
+from codeunlearn.attacks.relearn import relearn_attack  # noqa: E402
 from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data.records import read_jsonl_records, records_sha256  # noqa: E402
 from codeunlearn.data.tofu import load_tofu_file  # noqa: E402
-from codeunlearn.evaluation import (  # noqa: E402
-    EvalSets,
-    EvalSpec,
-    ModelScores,
-    evenly_spaced,
-    flatten_metrics,
-    per_item,
-    same_logits,
-    score_model,
-    summarize,
-    truth_ratio_records,
-)
+from codeunlearn.eval.muse import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse  # noqa: E402
+from codeunlearn.eval.scoring import ModelScores, flatten_metrics, per_item, same_logits, score_model, summarize  # noqa: E402
+from codeunlearn.eval.sets import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.lm.generation import generate_answers  # noqa: E402
+from codeunlearn.lm.training import TrainSpec  # noqa: E402
 from codeunlearn.methods.codeunlearn.counting import count_codes  # noqa: E402
 from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, random_mask_like, unmask  # noqa: E402
-from codeunlearn.metrics.quantization import QuantizationSpec  # noqa: E402
 from codeunlearn.metrics.tofu import rouge_l_recall  # noqa: E402
-from codeunlearn.muse_eval import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse  # noqa: E402
 from codeunlearn.privacy import withhold_overlaps  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext, torch_threads  # noqa: E402
@@ -309,7 +299,7 @@ class Suite:
     sets: EvalSets
     spec: EvalSpec
     quantization: list[QuantizationSpec]
-    relearn: RelearnSpec | None
+    relearn: TrainSpec | None
     progress: bool
     oracle_scores: ModelScores | None = None
     muse: MuseRun | None = None
@@ -370,11 +360,12 @@ class Suite:
         }
 
 
-def relearn_spec(ctx: RunContext) -> RelearnSpec:
-    """The relearning attack of ``evaluate.relearn``, on ``evaluate.max_length`` tokens (pipeline and audits)."""
+def relearn_spec(ctx: RunContext) -> TrainSpec:
+    """The relearning attack's fine-tune (``evaluate.relearn``, on ``evaluate.max_length`` tokens; pipeline and
+    audits), logging only its last step."""
     cfg = ctx.settings["evaluate"]
     relearn = cfg["relearn"]
-    return RelearnSpec(
+    return TrainSpec(
         steps=relearn["steps"],
         batch_size=relearn["batch_size"],
         lr=relearn["lr"],
@@ -383,6 +374,7 @@ def relearn_spec(ctx: RunContext) -> RelearnSpec:
         max_length=cfg["max_length"],
         grad_clip=relearn["grad_clip"],
         seed=ctx.settings["seed"],
+        log_every=max(1, relearn["steps"]),
     )
 
 

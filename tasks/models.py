@@ -8,6 +8,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from codeunlearn.data.muse import read_texts
 from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.io import read_json, write_json
 from codeunlearn.lm.training import TrainSpec, train_answers
@@ -24,7 +25,6 @@ from codeunlearn.methods.codeunlearn.train import (
 from codeunlearn.models.device import resolve_device
 from codeunlearn.models.load import load_model
 from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
-from codeunlearn.muse_eval import read_texts
 from tasks import tracking
 from tasks.context import RunContext, torch_threads
 from tasks.resume import resumable

@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.data.tofu import load_qa_file
-from codeunlearn.evaluation import request_scores
+from codeunlearn.eval.scoring import request_scores
 from codeunlearn.io import read_json, write_json
 from codeunlearn.methods import get_method
 from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, save_mask, unmask

@@ -22,11 +22,8 @@ from prefect.cache_policies import NONE  # noqa: E402
 
 from codeunlearn.checkpoints import Checkpoint  # noqa: E402
 from codeunlearn.data.records import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, request_scores, split_rouges  # noqa: E402
-from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.methods.codeunlearn.gate import gate_calibration  # noqa: E402
-from codeunlearn.methods.codeunlearn.select import SelectionSpec  # noqa: E402
-from codeunlearn.sequential import (  # noqa: E402
+from codeunlearn.eval.scoring import request_scores, split_rouges  # noqa: E402
+from codeunlearn.eval.sequential import (  # noqa: E402
     Selector,
     group_by_subject,
     scalability,
@@ -34,6 +31,10 @@ from codeunlearn.sequential import (  # noqa: E402
     sustainability,
     sustainability_plan,
 )
+from codeunlearn.eval.sets import GenerationSpec  # noqa: E402
+from codeunlearn.io import write_json  # noqa: E402
+from codeunlearn.methods.codeunlearn.gate import gate_calibration  # noqa: E402
+from codeunlearn.methods.codeunlearn.select import SelectionSpec  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext, torch_threads  # noqa: E402
 from tasks.models import load_role  # noqa: E402

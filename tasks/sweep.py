@@ -12,11 +12,12 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NONE  # noqa: E402
 
 from codeunlearn.data.records import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge  # noqa: E402
+from codeunlearn.eval.scoring import forget_retain_rouge  # noqa: E402
+from codeunlearn.eval.sets import GenerationSpec, evenly_spaced  # noqa: E402
+from codeunlearn.eval.sweep import frontier  # noqa: E402
 from codeunlearn.io import write_json  # noqa: E402
 from codeunlearn.methods.codeunlearn.gate import gate_calibration  # noqa: E402
 from codeunlearn.methods.codeunlearn.select import SelectionSpec  # noqa: E402
-from codeunlearn.sweep import frontier  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext  # noqa: E402
 from tasks.models import load_role  # noqa: E402

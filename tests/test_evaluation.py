@@ -7,19 +7,10 @@ import math
 import pytest
 import torch
 
-from codeunlearn.attacks import (
-    RelearnSpec,
-    quant_name,
-    quantization_attack,
-    quantization_specs,
-    relearn_attack,
-    split_halves,
-)
+from codeunlearn.attacks.quantize import QuantizationSpec, quant_name, quantization_attack, quantization_specs
+from codeunlearn.attacks.relearn import relearn_attack, split_halves
 from codeunlearn.data.records import QARecord
-from codeunlearn.evaluation import (
-    EvalSets,
-    EvalSpec,
-    answer_token_logprobs,
+from codeunlearn.eval.scoring import (
     evaluate_model,
     flatten_metrics,
     forget_retain_rouge,
@@ -29,14 +20,32 @@ from codeunlearn.evaluation import (
     split_rouges,
     summarize,
 )
-from codeunlearn.lm.generation import answer_token_nll
+from codeunlearn.eval.sets import EvalSets, EvalSpec
+from codeunlearn.lm.generation import answer_token_logprobs, answer_token_nll
+from codeunlearn.lm.training import TrainSpec
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
-from codeunlearn.metrics.quantization import QuantizationSpec
 from codeunlearn.metrics.tofu import evaluate_tofu_split
 from codeunlearn.report import render_report
 from tests.conftest import report_inputs
 
 SPEC = EvalSpec(max_new_tokens=6, batch_size=16, score_batch_size=16, max_length=64)
+
+
+def relearn_spec(steps: int) -> TrainSpec:
+    """The relearning attacker's fine-tune, logging its last step only (as the pipeline's)."""
+    return TrainSpec(
+        steps=steps,
+        batch_size=2,
+        lr=1e-2,
+        weight_decay=0.0,
+        warmup_steps=0,
+        max_length=64,
+        grad_clip=1.0,
+        seed=0,
+        log_every=steps,
+    )
+
+
 TOFU_KEYS = {
     f"{split}_{metric}"
     for split in ("forget", "retain", "real_authors", "world_facts")
@@ -230,9 +239,7 @@ def test_quantization_attack_rows_and_records(tiny_model, tiny_tokenizer, sets):
 
 def test_relearning_returns_recovery_and_leaves_the_model_alone(tiny_model, tiny_tokenizer, sets):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
-    spec = RelearnSpec(
-        steps=3, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64, grad_clip=1.0, seed=0
-    )
+    spec = relearn_spec(3)
     result = relearn_attack(tiny_model, tiny_tokenizer, sets.forget, spec, SPEC.generation)
     assert result["recovery"] == pytest.approx(result["heldout_rouge_after"] - result["heldout_rouge_before"])
     assert result["attack_records"] == 2 and result["heldout_records"] == 2 and result["steps"] == 3
@@ -246,9 +253,7 @@ def test_relearning_a_masked_codebook_model_keeps_the_codebook_and_mask(tiny_mod
     attach_codebook(tiny_model, bottleneck)
     bottleneck.disabled[torch.tensor([1, 5, 9])] = True
     codes = bottleneck.codes.detach().clone()
-    spec = RelearnSpec(
-        steps=2, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64, grad_clip=1.0, seed=0
-    )
+    spec = relearn_spec(2)
     relearn_attack(tiny_model, tiny_tokenizer, sets.forget, spec, SPEC.generation)
     assert torch.equal(bottleneck.codes, codes) and bottleneck.codes.grad is None
     assert bottleneck.codes.requires_grad  # frozen only during the attack
@@ -272,9 +277,7 @@ def test_report_renders_every_table_and_no_forget_text(tiny_model, other_model, 
     oracle_metrics, oracle = evaluate_model(tiny_model, tiny_tokenizer, sets, SPEC)
     other_metrics, _ = evaluate_model(other_model, tiny_tokenizer, sets, SPEC, oracle)
     specs = [QuantizationSpec("rtn", 4, 16), QuantizationSpec("torchao", 4, 24)]
-    relearn = RelearnSpec(
-        steps=2, batch_size=2, lr=1e-2, weight_decay=0.0, warmup_steps=0, max_length=64, grad_clip=1.0, seed=0
-    )
+    relearn = relearn_spec(2)
     details = {
         "quantization": {},
         "relearn": {"spec": relearn.__dict__},

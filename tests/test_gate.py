@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from codeunlearn.eval.sweep import frontier
 from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.methods.codeunlearn.codebook import (
     CodebookBottleneck,
@@ -22,7 +23,6 @@ from codeunlearn.methods.codeunlearn.codebook import (
 from codeunlearn.methods.codeunlearn.gate import GateCalibration, calibrate_gate, watch_list
 from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, save_mask, unmask
 from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
-from codeunlearn.sweep import frontier
 
 WATCH = (0, 5)  # watched codes, for tests where only the statistics matter
 SELECTION = SelectionSpec(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codeunlearn.lm.generation import answer_token_nll, encode_raw, text_token_logprobs
@@ -171,12 +172,12 @@ def test_privleak_zero_for_the_oracle_and_by_hand():
 def test_muse_auc_orientation():
     # A model that memorised the forget set gives forget texts *low* Min-K scores.
     forget, holdout = [1.0, 2.0], [3.0, 4.0]
-    assert muse.mia_auc(forget, holdout) == 0.0  # MUSE: target-like models sit near 0
-    assert mia.forget_holdout_auc(forget, holdout) == 1.0  # attack view: perfectly identified
+    assert muse.muse_auc(forget, holdout) == 0.0  # MUSE: target-like models sit near 0
+    assert mia.mia_auc(forget, holdout) == 1.0  # attack view: perfectly identified
     mixed_forget, mixed_holdout = [1.0, 3.5, 2.0], [3.0, 1.5, 4.0]
-    assert muse.mia_auc(mixed_forget, mixed_holdout) == pytest.approx(
-        1 - mia.forget_holdout_auc(mixed_forget, mixed_holdout)
-    )
+    # muse_bench's own call: forget labelled 0, holdout 1, ranked by minus the Min-K score.
+    reference = roc_auc_score([0] * 3 + [1] * 3, [-s for s in mixed_forget + mixed_holdout])
+    assert muse.muse_auc(mixed_forget, mixed_holdout) == pytest.approx(reference)
 
 
 def test_knowmem_prompt_format():
@@ -210,7 +211,7 @@ def test_verbmem_and_knowmem_run(model, tokenizer):
 def test_privleak_auc_of_a_model_against_itself_is_zero(model, tokenizer):
     auc = muse.privleak_auc(model, tokenizer, CORPUS[:3], CORPUS[3:], batch_size=2, max_length=200)
     scores = [muse.min_k_prob_score(lp) for lp in text_token_logprobs(model, tokenizer, CORPUS, 5, 200)]
-    assert auc == pytest.approx(muse.mia_auc(scores[:3], scores[3:]))
+    assert auc == pytest.approx(muse.muse_auc(scores[:3], scores[3:]))
     assert muse.privleak(auc, auc) == 0.0
 
 
@@ -251,7 +252,7 @@ def test_loss_and_min_k_attacks_match_token_logprobs(model, tokenizer):
 
 def test_registry_names_every_metric_once():
     assert get_metric("tofu.forget_quality") is tofu.forget_quality
-    assert METRICS["muse.mia_auc"] is not METRICS["mia.mia_auc"]
+    assert METRICS["muse.muse_auc"] is muse.muse_auc and METRICS["mia.mia_auc"] is mia.mia_auc
     assert len(set(METRICS.values())) == len(METRICS)
     with pytest.raises(KeyError, match="known metrics"):
         get_metric("nope")

@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from codeunlearn.data.records import DataError
-from codeunlearn.lm.generation import encode_raw, keep_last_tokens
-from codeunlearn.metrics import muse
-from codeunlearn.muse_eval import (
+from codeunlearn.eval.muse import (
     KEYS,
     MuseScores,
     MuseSets,
@@ -21,6 +19,8 @@ from codeunlearn.muse_eval import (
     prompt_budget,
     score_muse,
 )
+from codeunlearn.lm.generation import encode_raw, keep_last_tokens
+from codeunlearn.metrics import muse
 from tests.conftest import SHARED_DATA, report_inputs
 
 SPEC = MuseSpec(batch_size=2, score_batch_size=4, max_new_tokens=6, knowmem_max_new_tokens=4, privleak_max_length=64)

@@ -7,14 +7,14 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from codeunlearn.metrics.quantization import (
+from codeunlearn.attacks.quantize import (
     QuantizationRecord,
     QuantizationSpec,
     fake_quantize_weight,
     quantize_rtn_,
     quantized_copy,
-    recovery,
 )
+from codeunlearn.metrics.recovery import recovery
 
 VOCAB = 100
 N_LAYERS = 2

@@ -12,9 +12,9 @@ import torch
 from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
 from codeunlearn.data.splits import split_retain_by_author
 from codeunlearn.lm.training import TrainSpec, encode_records
-from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook, codebook_sha256
 from codeunlearn.methods.codeunlearn.counting import rank_codes
-from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, codebook_sha256, load_mask, save_mask, unmask
+from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, save_mask, unmask
 from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 from codeunlearn.methods.codeunlearn.train import (
     CodebookLoss,
@@ -217,7 +217,7 @@ def test_an_answer_that_recites_the_forget_set_is_withheld():
 
 
 def test_same_logits_proves_the_residual_codebook_model_is_the_target(tiny_model, tiny_tokenizer, tiny_qa):
-    from codeunlearn.evaluation import same_logits
+    from codeunlearn.eval.scoring import same_logits
 
     target = copy.deepcopy(tiny_model)
     bottleneck, _ = residual_model(tiny_model, tiny_tokenizer, tiny_qa)

@@ -7,9 +7,7 @@ import json
 import pytest
 import torch
 
-from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
-from codeunlearn.methods.codeunlearn.select import SelectionSpec
-from codeunlearn.sequential import (
+from codeunlearn.eval.sequential import (
     Selector,
     group_by_subject,
     scalability,
@@ -17,6 +15,8 @@ from codeunlearn.sequential import (
     sustainability,
     sustainability_plan,
 )
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.methods.codeunlearn.select import SelectionSpec
 from tests.conftest import qa
 
 PEOPLE = ["Zorblat Quim", "Mira Tolland", "Ilse Varga", "Basil Ormond", "Tess Lund"]

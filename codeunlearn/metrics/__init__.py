@@ -1,8 +1,8 @@
 """Evaluation metrics: one plain function per metric, named in METRICS.
 
-Keys are ``<family>.<metric>`` so that same-named metrics of different benchmarks cannot collide
-(MUSE's AUC orientation is the complement of the generic MIA AUC). Adding a metric is one function
-in its family's module plus one line here, as open-unlearning's metric registry does.
+Keys are ``<family>.<metric>`` so that same-named metrics of different benchmarks cannot collide.
+Adding a metric is one function in its family's module plus one line here, as open-unlearning's
+metric registry does.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from codeunlearn.metrics import mia, muse, quantization, tofu
+from codeunlearn.metrics import mia, muse, recovery, tofu
 
 METRICS: dict[str, Callable[..., Any]] = {
     # TOFU
@@ -28,7 +28,7 @@ METRICS: dict[str, Callable[..., Any]] = {
     "muse.verbmem_rouge": muse.verbmem_rouge,
     "muse.knowmem_rouge": muse.knowmem_rouge,
     "muse.min_k_prob_score": muse.min_k_prob_score,
-    "muse.mia_auc": muse.mia_auc,
+    "muse.muse_auc": muse.muse_auc,
     "muse.privleak_auc": muse.privleak_auc,
     "muse.privleak": muse.privleak,
     "muse.scalability_table": muse.scalability_table,
@@ -37,9 +37,8 @@ METRICS: dict[str, Callable[..., Any]] = {
     "mia.loss_attack": mia.loss_attack,
     "mia.min_k_attack": mia.min_k_attack,
     "mia.mia_auc": mia.mia_auc,
-    "mia.forget_holdout_auc": mia.forget_holdout_auc,
-    # Quantization attack
-    "quantization.recovery": quantization.recovery,
+    # Attacks
+    "attacks.recovery": recovery.recovery,
 }
 
 
@@ -49,4 +48,4 @@ def get_metric(name: str) -> Callable[..., Any]:
     return METRICS[name]
 
 
-__all__ = ["METRICS", "get_metric", "mia", "muse", "quantization", "tofu"]
+__all__ = ["METRICS", "get_metric", "mia", "muse", "recovery", "tofu"]

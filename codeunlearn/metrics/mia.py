@@ -7,9 +7,9 @@ means members are perfectly identified and 0.5 means chance. On an unlearned mod
 holdout AUC near the retain model's value (about 0.5) is the goal; near 1.0 the forget set still
 looks like training data.
 
-``forget_holdout_auc(forget, holdout)`` equals open-unlearning's ``mia_*`` AUC, which labels forget 0
-and holdout 1 on the raw scores: AUC(y=holdout, s) = AUC(y=forget, -s). MUSE's own orientation is
-the complement (see ``metrics.muse.mia_auc``).
+``mia_auc(forget, holdout)`` equals open-unlearning's ``mia_*`` AUC, which labels forget 0 and
+holdout 1 on the raw scores: AUC(y=holdout, s) = AUC(y=forget, -s). It is the project's one AUC:
+MUSE publishes the complement, and ``metrics.muse.muse_auc`` derives it from this one.
 """
 
 from __future__ import annotations
@@ -83,11 +83,6 @@ def mia_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -
     labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
     # Negated so that "higher = more likely a member", which is what roc_auc_score ranks.
     return float(roc_auc_score(labels, -np.concatenate([members, nonmembers])))
-
-
-def forget_holdout_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
-    """Attack AUC with the forget set as members and the never-trained holdout set as non-members."""
-    return mia_auc(forget_scores, holdout_scores)
 
 
 def _logprob_array(logprobs: torch.Tensor | Sequence[float]) -> np.ndarray:

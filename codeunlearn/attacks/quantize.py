@@ -1,8 +1,10 @@
 """Re-quantization attack (Zhang et al. 2024, arXiv 2410.16454): does 4-bit rounding revive forgotten facts?
 
 Small-learning-rate unlearning can move weights by less than half a quantization step, so the
-unlearned and the target weights round to the same grid point. Quantize the unlearned model, rerun
-the forget metrics, and report ``recovery`` = quantized - full precision.
+unlearned and the target weights round to the same grid point. Quantize a copy of the unlearned model
+(``quantized_copy``), rerun the forget and retain metrics (``quantization_attack``), and report
+``recovery`` = forget ROUGE quantized - full precision (``metrics.recovery``). The evaluated model is
+never changed; numbers only, never text.
 
 Two quantizers behind one ``QuantizationSpec``:
 
@@ -27,6 +29,7 @@ are different quantizers, so record which one produced a number (``QuantizationR
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,6 +37,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from codeunlearn.eval.scoring import ModelScores, score_model, summarize
+from codeunlearn.eval.sets import EvalSets, EvalSpec
+from codeunlearn.metrics.recovery import recovery
+
+log = logging.getLogger(__name__)
 
 QUANTIZERS: tuple[str, ...] = ("rtn", "torchao")
 # Output heads and embeddings stay in full precision, as in GPTQ/AWQ/RTN baselines; matched as
@@ -244,6 +253,65 @@ def quantized_copy(
     return clone, record
 
 
-def recovery(forget_metric_quantized: float, forget_metric_full: float) -> float:
-    """Knowledge revived by quantization: forget metric after quantization minus before (> 0 = revived)."""
-    return float(forget_metric_quantized) - float(forget_metric_full)
+# The quantized model's numbers kept per spec (forget quality needs the oracle's truth ratios).
+QUANT_METRICS = ("forget_rouge", "retain_rouge", "forget_prob", "forget_truth_ratio", "forget_quality", "retain_prob")
+
+
+def quant_name(spec: QuantizationSpec) -> str:
+    """``rtn_w4_g64``: the key a quantized row is stored under."""
+    return f"{spec.quantizer}_w{spec.bits}_g{spec.group_size}"
+
+
+def quantization_specs(config: dict[str, Any]) -> list[QuantizationSpec]:
+    """Specs from params: ``{rtn: {bits: [8, 4], group_sizes: [64, 128]}, torchao: {...}}``, 8-bit first."""
+    specs = []
+    for quantizer in ("rtn", "torchao"):
+        block = config.get(quantizer) or {}
+        for bits in block.get("bits", []):
+            for group_size in block.get("group_sizes", []):
+                specs.append(QuantizationSpec(quantizer, int(bits), int(group_size)))
+    return specs
+
+
+def quantization_attack(
+    model: nn.Module,
+    tokenizer: Any,
+    sets: EvalSets,
+    spec: EvalSpec,
+    specs: Sequence[QuantizationSpec],
+    full_precision: dict[str, float],
+    oracle: ModelScores | None,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]]]:
+    """Score a quantized copy per spec on the forget and retain sets.
+
+    Returns ``(metrics, records)``: per spec name the numbers (bits, group_size, forget/retain ROUGE,
+    forget Prob / truth ratio / forget quality, ``recovery``, ``retain_change``, weight error) and the
+    audit record (quantizer, bits, group size, symmetric, layers, skipped modules), or ``skipped``
+    with the reason when a quantizer cannot handle this model (torchao needs in_features divisible
+    by the group size, and torchao itself).
+    """
+    attack_sets = EvalSets(forget=sets.forget, retain=sets.retain)
+    metrics: dict[str, dict[str, float]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for qspec in specs:
+        name = quant_name(qspec)
+        try:
+            clone, record = quantized_copy(model, qspec)
+        except (ValueError, ImportError, RuntimeError, NotImplementedError) as error:
+            log.warning("quantization %s skipped: %s", name, error)
+            records[name] = {**asdict(qspec), "skipped": str(error)}
+            continue
+        try:
+            values = summarize(score_model(clone, tokenizer, attack_sets, spec, progress), oracle)
+        finally:
+            del clone
+        row = {key: values[key] for key in QUANT_METRICS if key in values}
+        row["bits"] = float(qspec.bits)
+        row["group_size"] = float(qspec.group_size)
+        row["recovery"] = recovery(values["forget_rouge"], full_precision["forget_rouge"])
+        row["retain_change"] = values["retain_rouge"] - full_precision["retain_rouge"]
+        row["weight_error"] = record.mean_relative_error
+        metrics[name] = row
+        records[name] = record.as_dict()
+    return metrics, records

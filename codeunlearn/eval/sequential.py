@@ -30,7 +30,7 @@ import numpy as np
 from torch import nn
 
 from codeunlearn.data.records import records_sha256
-from codeunlearn.evaluation import evenly_spaced
+from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck
 from codeunlearn.methods.codeunlearn.controls import build_control
 from codeunlearn.methods.codeunlearn.gate import GateCalibration, gate_mask

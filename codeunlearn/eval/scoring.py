@@ -16,7 +16,7 @@ the oracle's (retain-only model's) per-item numbers where the metric needs a ref
   on) as non-members: ``mia_min_k_auc`` (Min-K% Prob) and ``mia_loss_auc`` (LOSS), 1.0 = the forget
   set still looks like training data, 0.5 = indistinguishable from unseen authors. ``privleak`` is
   MUSE's relative AUC, (AUC - AUC_oracle) / AUC_oracle x 100 in MUSE's orientation
-  (``metrics.muse.mia_auc``), with AUC_oracle measured on *this run's* oracle, never a constant:
+  (``metrics.muse.muse_auc``), with AUC_oracle measured on *this run's* oracle, never a constant:
   0 = leaks like the oracle, strongly negative = under-unlearned, strongly positive = over-unlearned.
 
 Nothing here returns or logs generated text: a model's answers may quote the forget set.
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from codeunlearn.eval.sets import PARAPHRASE_SPLITS, EvalSets, EvalSpec, GenerationSpec, has_truth_ratio_data
 from codeunlearn.lm.generation import answer_token_logprobs, generate_answers
 from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.lm.training import to_device
@@ -52,48 +53,6 @@ from codeunlearn.metrics.tofu import (
 
 log = logging.getLogger(__name__)
 
-# Splits whose truth ratio uses a paraphrased answer; real authors / world facts use the gold answer.
-PARAPHRASE_SPLITS = ("forget", "retain")
-TOFU_SPLIT_ORDER = ("forget", "retain", "real_authors", "world_facts")
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    max_new_tokens: int
-    batch_size: int
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """How a model is scored: greedy decoding budget and batch, teacher-forced batch and length."""
-
-    max_new_tokens: int
-    batch_size: int  # generation batch
-    score_batch_size: int  # teacher-forced scoring batch
-    max_length: int  # tokens of prompt + answer scored (longer QAs are cut; answer tokens must survive)
-    min_k: float = mia.MIN_K_RATIO
-
-    @property
-    def generation(self) -> GenerationSpec:
-        return GenerationSpec(self.max_new_tokens, self.batch_size)
-
-
-@dataclass
-class EvalSets:
-    """The records a model is scored on. Empty optional sets are skipped (and their metrics absent)."""
-
-    forget: Sequence[Any]
-    retain: Sequence[Any]
-    real_authors: Sequence[Any] = ()
-    world_facts: Sequence[Any] = ()
-    holdout: Sequence[Any] = ()  # MIA non-members: QAs about authors no model was trained on
-
-    def tofu_splits(self) -> dict[str, Sequence[Any]]:
-        return {kind: getattr(self, kind) for kind in TOFU_SPLIT_ORDER if len(getattr(self, kind))}
-
-    def counts(self) -> dict[str, int]:
-        return {kind: len(getattr(self, kind)) for kind in (*TOFU_SPLIT_ORDER, "holdout")}
-
 
 @dataclass
 class ModelScores:
@@ -101,30 +60,6 @@ class ModelScores:
 
     splits: dict[str, dict[str, Any]]
     mia: dict[str, list[float]] = field(default_factory=dict)
-
-
-def evenly_spaced(records: Sequence[Any], size: int) -> list[Any]:
-    """A fixed subset spread over every author, so a smaller eval set still covers the whole split."""
-    if size <= 0 or size >= len(records):
-        return list(records)
-    picks = np.linspace(0, len(records) - 1, size).round().astype(int)
-    return [records[i] for i in picks]
-
-
-def has_truth_ratio_data(record: Any, kind: str) -> bool:
-    """Whether a record carries what its split's truth ratio needs (TOFU perturbs only some authors)."""
-    if not getattr(record, "perturbed_answers", None):
-        return False
-    return kind not in PARAPHRASE_SPLITS or bool((getattr(record, "paraphrased_answer", None) or "").strip())
-
-
-def truth_ratio_records(records: Sequence[Any], kind: str) -> list[Any]:
-    """The records whose split's truth ratio can be computed; logs how many lack perturbed data."""
-    kept = [r for r in records if has_truth_ratio_data(r, kind)]
-    if len(kept) < len(records):
-        missing = len(records) - len(kept)
-        log.warning("%s: %d of %d records lack perturbed data and are not evaluated", kind, missing, len(records))
-    return kept
 
 
 def split_rouge(
@@ -303,8 +238,8 @@ def _score_splits(
 
 
 def _privleak(scores: ModelScores, oracle: ModelScores, attack: str) -> float | None:
-    auc = muse.mia_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
-    reference = muse.mia_auc(oracle.mia[f"forget_{attack}"], oracle.mia[f"holdout_{attack}"])
+    auc = muse.muse_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
+    reference = muse.muse_auc(oracle.mia[f"forget_{attack}"], oracle.mia[f"holdout_{attack}"])
     if reference <= 0:
         return None  # the oracle ranks every holdout item above every forget item: undefined ratio
     return muse.privleak(auc, reference)
@@ -332,8 +267,8 @@ def summarize(scores: ModelScores, oracle: ModelScores | None = None) -> dict[st
         retain = scores.splits["retain"]
         out["retain_utility"] = model_utility([retain["prob"], retain["rouge"], retain["truth_ratio"]])
     if scores.mia:
-        out["mia_min_k_auc"] = mia.forget_holdout_auc(scores.mia["forget_min_k"], scores.mia["holdout_min_k"])
-        out["mia_loss_auc"] = mia.forget_holdout_auc(scores.mia["forget_loss"], scores.mia["holdout_loss"])
+        out["mia_min_k_auc"] = mia.mia_auc(scores.mia["forget_min_k"], scores.mia["holdout_min_k"])
+        out["mia_loss_auc"] = mia.mia_auc(scores.mia["forget_loss"], scores.mia["holdout_loss"])
         if oracle is not None and oracle.mia:
             for attack, key in (("min_k", "privleak"), ("loss", "privleak_loss")):
                 value = _privleak(scores, oracle, attack)

@@ -29,8 +29,8 @@ from typing import Any
 
 from torch import nn
 
-from codeunlearn.data.records import DataError
-from codeunlearn.evaluation import evenly_spaced
+from codeunlearn.data.muse import read_pairs, read_texts
+from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.metrics import muse
 from codeunlearn.metrics.mia import MIN_K_RATIO, min_k_attack
 
@@ -100,41 +100,10 @@ class MuseScores:
 
     @property
     def privleak_auc(self) -> float | None:
-        """MUSE's orientation (``metrics.muse.mia_auc``): ~0.5 for a model that saw neither set."""
+        """MUSE's orientation (``metrics.muse.muse_auc``): ~0.5 for a model that saw neither set."""
         if not self.forget_min_k or not self.holdout_min_k:
             return None
-        return muse.mia_auc(self.forget_min_k, self.holdout_min_k)
-
-
-def _read_json_array(path: Path) -> list[Any]:
-    if not path.exists():
-        raise DataError(path, "MUSE file not found (see paths.muse_dir and its SOURCE.md)")
-    try:
-        items = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"not valid JSON: {err.msg}", line=err.lineno) from err
-    if not isinstance(items, list):
-        raise DataError(path, f"expected a JSON array, got {type(items).__name__}")
-    return items
-
-
-def _pairs(path: Path, first: str, second: str) -> list[tuple[str, str]]:
-    out = []
-    for row, item in enumerate(_read_json_array(path)):
-        for name in (first, second):
-            if not isinstance(item, dict) or not isinstance(item.get(name), str) or not item[name].strip():
-                raise DataError(path, "missing or empty string", row=row, field=name)
-        out.append((item[first], item[second]))
-    return out
-
-
-def read_texts(path: Path) -> list[str]:
-    """A JSON array of non-empty strings (MUSE's privleak and raw files)."""
-    items = _read_json_array(path)
-    for row, item in enumerate(items):
-        if not isinstance(item, str) or not item.strip():
-            raise DataError(path, "expected a non-empty string", row=row)
-    return items
+        return muse.muse_auc(self.forget_min_k, self.holdout_min_k)
 
 
 def _subset(items: list[Any], size: int) -> list[Any]:
@@ -158,15 +127,15 @@ def load_muse_sets(
     muse_dir = Path(muse_dir)
     if icl_examples < 0:
         raise ValueError(f"icl_examples must be >= 0, got {icl_examples}")
-    verbmem = _subset(_pairs(muse_dir / VERBMEM_FILE, "prompt", "gt"), verbmem_size) if verbmem_size >= 0 else []
+    verbmem = _subset(read_pairs(muse_dir / VERBMEM_FILE, "prompt", "gt"), verbmem_size) if verbmem_size >= 0 else []
     knowmem: dict[str, list[tuple[str, str]]] = {}
     icl: dict[str, list[tuple[str, str]]] = {}
     for split, (qa_file, icl_file) in KNOWMEM_FILES.items():
         if knowmem_size < 0:
             knowmem[split], icl[split] = [], []
             continue
-        knowmem[split] = _subset(_pairs(muse_dir / qa_file, "question", "answer"), knowmem_size)
-        icl[split] = _pairs(muse_dir / icl_file, "question", "answer")[:icl_examples]
+        knowmem[split] = _subset(read_pairs(muse_dir / qa_file, "question", "answer"), knowmem_size)
+        icl[split] = read_pairs(muse_dir / icl_file, "question", "answer")[:icl_examples]
     privleak = {
         split: _subset(read_texts(muse_dir / name), privleak_size) if privleak_size >= 0 else []
         for split, name in PRIVLEAK_FILES.items()
