@@ -22,11 +22,11 @@ import torch
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.io import read_json, write_json
-from codeunlearn.leaderboard import leaderboard_rows
 from codeunlearn.lm.generation import answer_token_nll, generate_answers
 from codeunlearn.methods import get_method
 from codeunlearn.methods.codeunlearn.mask import unmask
 from codeunlearn.profiling import ResourceMeter
+from codeunlearn.report.leaderboard import leaderboard_rows
 from tasks.context import REPO_ROOT, RunContext, git_commit, make_context
 from tasks.models import load_role
 

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", default=None)
     args = parser.parse_args(argv)
     rows = compare(profile=args.profile, methods=args.methods)
-    from codeunlearn.leaderboard import to_markdown
+    from codeunlearn.report.leaderboard import to_markdown
 
     print(to_markdown(rows))
 

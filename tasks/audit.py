@@ -34,18 +34,16 @@ from prefect.cache_policies import NONE
 
 from codeunlearn.attacks.quantize import QuantizationSpec, quantized_copy
 from codeunlearn.attacks.relearn import relearn_attack
-from codeunlearn.audit import (
-    Thresholds,
+from codeunlearn.audit.judge import Thresholds, judge, judged_values
+from codeunlearn.audit.record import (
     artifact_entry,
     build_record,
     directory_artifacts,
     dvc_lock_summary,
     json_safe,
-    judge,
-    judged_values,
     record_sha256,
-    verify_record,
 )
+from codeunlearn.audit.verify import verify_record
 from codeunlearn.checkpoints import Checkpoint, load_checkpoint
 from codeunlearn.data.records import records_sha256
 from codeunlearn.data.tofu import load_qa_file

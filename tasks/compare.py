@@ -17,10 +17,10 @@ from codeunlearn.config import settings_hash  # noqa: E402
 from codeunlearn.data.records import read_jsonl_records  # noqa: E402
 from codeunlearn.eval.scoring import ModelScores, flatten_metrics  # noqa: E402
 from codeunlearn.io import atomic_write_text, read_json, write_json  # noqa: E402
-from codeunlearn.leaderboard import leaderboard_rows, to_csv, to_markdown  # noqa: E402
 from codeunlearn.methods import get_method  # noqa: E402
 from codeunlearn.methods.codeunlearn.mask import apply_mask, load_mask, save_mask  # noqa: E402
 from codeunlearn.profiling import ResourceMeter  # noqa: E402
+from codeunlearn.report.leaderboard import leaderboard_rows, to_csv, to_markdown  # noqa: E402
 from tasks import tracking  # noqa: E402
 from tasks.context import RunContext, torch_threads  # noqa: E402
 from tasks.evaluate import Suite, build_suite  # noqa: E402

@@ -9,7 +9,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from codeunlearn.io import atomic_write_text, read_json
-from codeunlearn.report import render_report, render_studies_report
+from codeunlearn.report.run import render_report
+from codeunlearn.report.studies import render_studies_report
 from tasks import tracking
 from tasks.context import RunContext
 from tasks.evaluate import GENERAL_CHECK, PLOTS

@@ -15,17 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from codeunlearn.audit import (
-    SCHEMA,
-    Thresholds,
-    artifact_entry,
-    build_record,
-    dvc_lock_summary,
-    judge,
-    judged_values,
-    record_sha256,
-    verify_record,
-)
+from codeunlearn.audit.judge import Thresholds, judge, judged_values
+from codeunlearn.audit.record import SCHEMA, artifact_entry, build_record, dvc_lock_summary, record_sha256
+from codeunlearn.audit.verify import verify_record
 from tests.conftest import REPO_ROOT, write_params
 
 # --------------------------------------------------------------------------- tiny setup

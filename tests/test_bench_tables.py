@@ -31,7 +31,7 @@ def test_tables_show_every_benchmark_value_and_its_machine(tmp_path, monkeypatch
 
 def test_leaderboard_names_the_commit_of_the_comparison_its_rows_come_from(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
-    from codeunlearn.leaderboard import COLUMNS
+    from codeunlearn.report.leaderboard import COLUMNS
 
     row = {"method": "ga", **dict.fromkeys(COLUMNS), "forget_rouge": 0.25}
     write_json(
@@ -45,7 +45,7 @@ def test_leaderboard_names_the_commit_of_the_comparison_its_rows_come_from(tmp_p
 
 def test_leaderboard_shows_the_pipelines_rows_with_model_utility_beside_forgetting(tmp_path, monkeypatch):
     monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
-    from codeunlearn.leaderboard import COLUMNS, leaderboard_rows
+    from codeunlearn.report.leaderboard import COLUMNS, leaderboard_rows
 
     assert {"model_utility", "world_facts_rouge", "real_authors_rouge"} <= set(COLUMNS)
     rows = leaderboard_rows(

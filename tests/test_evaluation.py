@@ -25,7 +25,7 @@ from codeunlearn.lm.generation import answer_token_logprobs, answer_token_nll
 from codeunlearn.lm.training import TrainSpec
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
 from codeunlearn.metrics.tofu import evaluate_tofu_split
-from codeunlearn.report import render_report
+from codeunlearn.report.run import render_report
 from tests.conftest import report_inputs
 
 SPEC = EvalSpec(max_new_tokens=6, batch_size=16, score_batch_size=16, max_length=64)

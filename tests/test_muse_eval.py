@@ -198,7 +198,7 @@ def test_the_suite_scores_the_oracle_first_and_rates_others_against_it(tmp_path,
 
 
 def test_report_has_a_muse_table_that_says_what_the_numbers_mean(tmp_path):
-    from codeunlearn.report import render_report
+    from codeunlearn.report.run import render_report
 
     row = {"forget_rouge": 0.9, "retain_rouge": 0.8}
     muse_row_ = {

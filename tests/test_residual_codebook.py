@@ -228,7 +228,7 @@ def test_same_logits_proves_the_residual_codebook_model_is_the_target(tiny_model
 
 
 def test_the_report_shows_world_facts_side_by_side_and_escapes_tables():
-    from codeunlearn.report import general_check_lines
+    from codeunlearn.report.run import general_check_lines
 
     lines = general_check_lines(
         {

@@ -220,7 +220,8 @@ def test_the_plot_and_the_task_runner_handle_skipped_experiments(tmp_path):
 
 
 def test_studies_report_shows_both_curves_and_says_why_one_did_not_run():
-    from codeunlearn.report import render_report, render_studies_report
+    from codeunlearn.report.run import render_report
+    from codeunlearn.report.studies import render_studies_report
     from tests.conftest import report_inputs
 
     sustained = {

@@ -7,6 +7,8 @@ import io
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from codeunlearn.report.tables import markdown_table
+
 # Column -> (metric path in an evaluation row, direction): "down" lower is better, "up" higher is better.
 COLUMNS: dict[str, tuple[str, str]] = {
     "forget_rouge": ("forget_rouge", "down"),
@@ -58,7 +60,5 @@ def _cell(value: Any) -> str:
 
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     arrows = {"down": "↓", "up": "↑", "zero": "→0"}
-    header = "| method | " + " | ".join(f"{col} {arrows[d]}" for col, (_, d) in COLUMNS.items()) + " |"
-    rule = "|---|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_cell(row[c]) for c in ["method", *COLUMNS]) + " |" for row in rows]
-    return "\n".join([header, rule, *body]) + "\n"
+    header = ["method", *(f"{col} {arrows[d]}" for col, (_, d) in COLUMNS.items())]
+    return markdown_table(header, ([_cell(row[c]) for c in ["method", *COLUMNS]] for row in rows)) + "\n"

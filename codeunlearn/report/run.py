@@ -7,8 +7,10 @@ request's data) with the target's and the deployed model's answers side by side.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+from codeunlearn.report.tables import markdown_table, metric_table
 
 # Rows in reading order (metrics.json is written with sorted keys); other rows follow.
 ROW_ORDER = ("target", "oracle", "codebook", "codeunlearn", "random_codes")
@@ -75,60 +77,11 @@ MUSE_COLUMNS = {
     "muse_privleak_auc": "Min-40% AUC",
     "muse_privleak": "PrivLeak →0",
 }
-SUSTAINABILITY_COLUMNS = {
-    "disabled": "codes disabled",
-    "forget_rouge_current_before": "new request before",
-    "forget_rouge_current": "new request after ↓",
-    "forget_rouge_first": "first request ↓",
-    "forget_rouge_requested": "all requested ↓",
-    "forget_rouge_pending": "not yet requested",
-    "retain_rouge": "retain ↑",
-    "random_forget_rouge_requested": "random: all requested",
-    "random_retain_rouge": "random: retain",
-}
-SCALABILITY_COLUMNS = {
-    "forget_size": "forget QAs",
-    "disabled": "codes disabled",
-    "forget_rouge_before": "forget before",
-    "forget_rouge": "forget after ↓",
-    "retain_rouge": "retain ↑",
-    "random_forget_rouge": "random: forget",
-    "random_retain_rouge": "random: retain",
-    "model_utility": "model utility ↑",
-    "world_facts_rouge": "world facts ↑",
-}
 CODE_COLUMNS = {
     "masked_usage_forget": "forget code slots disabled",
     "masked_usage_retain": "retain code slots disabled",
     "selectivity": "forget / retain",
 }
-
-
-def markdown_table(
-    rows: Mapping[str, Mapping[str, Any]],
-    columns: Sequence[str] | Mapping[str, str],
-    digits: int = 3,
-    label: str = "model",
-) -> str:
-    """A markdown table, one row per key of ``rows``; ``columns`` maps keys to headers (or lists keys)."""
-    headers = dict(columns) if isinstance(columns, Mapping) else {c: c for c in columns}
-    header = f"| {label} | " + " | ".join(headers.values()) + " |"
-    rule = "|---|" + "---:|" * len(headers)
-    body = [
-        f"| {name} | " + " | ".join(_fmt(values.get(col), digits) for col in headers) + " |"
-        for name, values in rows.items()
-    ]
-    return "\n".join([header, rule, *body])
-
-
-def _fmt(value: Any, digits: int) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        if value != 0 and abs(value) < 0.5 * 10 ** (-digits):
-            return f"{value:.1e}"  # KS p-values of a clearly different model are tiny, not zero
-        return f"{value:.{digits}f}"
-    return str(value)
 
 
 def quantization_rows(metrics: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -184,34 +137,6 @@ def _skipped_quantizers(details: Mapping[str, Any]) -> list[str]:
     return sorted(notes)
 
 
-def frontier_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Forget / retain ROUGE per S' (columns) for every selection and control (rows)."""
-    sizes = sorted({r["size"] for r in rows if r["size"]})
-    series = sorted({(r["selection"], r["control"]) for r in rows if r["size"]})
-    lines = [
-        "| selection | control | " + " | ".join(f"S'={n}" for n in sizes) + " |",
-        "|---|---|" + "---|" * len(sizes),
-    ]
-    for selection, control in series:
-        cells = {r["size"]: r for r in rows if (r["selection"], r["control"]) == (selection, control)}
-        lines.append(
-            f"| {selection} | {control} | "
-            + " | ".join(
-                f"{cells[n]['forget_rouge']:.3f} / {cells[n]['retain_rouge']:.3f}" if n in cells else "n/a"
-                for n in sizes
-            )
-            + " |"
-        )
-    base = next((r for r in rows if not r["size"]), None)
-    if base is not None:
-        lines += [
-            "",
-            f"Cells are forget / retain ROUGE-L recall; without a mask: {base['forget_rouge']:.3f} / "
-            f"{base['retain_rouge']:.3f}.",
-        ]
-    return lines
-
-
 def muse_lines(metrics: Mapping[str, Mapping[str, Any]], details: Mapping[str, Any]) -> list[str]:
     """The MUSE-News table and what its numbers mean here; empty when no row has MUSE numbers."""
     rows = {name: values for name, values in metrics.items() if any(key in values for key in MUSE_COLUMNS)}
@@ -224,7 +149,7 @@ def muse_lines(metrics: Mapping[str, Mapping[str, Any]], details: Mapping[str, A
         "",
         "### MUSE-News",
         "",
-        markdown_table(rows, MUSE_COLUMNS),
+        metric_table(rows, MUSE_COLUMNS),
         "",
         "MUSE's metrics (Shi et al. 2025) on its News data, 0-1 scale (MUSE's tables show ×100). **None of "
         "these models was trained on MUSE-News**: the MUSE target is fine-tuned on the News forget articles, "
@@ -252,10 +177,6 @@ def muse_lines(metrics: Mapping[str, Mapping[str, Any]], details: Mapping[str, A
     return lines
 
 
-def _counts_as_int(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: int(v) if k in ("disabled", "forget_size", "authors") else v for k, v in row.items()}
-
-
 def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
@@ -264,59 +185,19 @@ def general_check_lines(check: Mapping[str, Any]) -> list[str]:
     """World-fact questions with the gold answer, the target's and the deployed model's, side by side."""
     if not check or not check.get("questions"):
         return []
-    lines = [
+    answers = zip(check["questions"], check["gold"], check["target"], check["deployed_answers"], strict=True)
+    table = markdown_table(
+        ["question", "gold", "target", "deployed"], ([_cell(text) for text in row] for row in answers)
+    )
+    return [
         "",
         "### General knowledge, read side by side",
         "",
         f"{len(check['questions'])} TOFU world-fact questions (public facts, never the request's data), "
         f"answered greedily by the target and by the deployed model (`{check['deployed']}`).",
         "",
-        "| question | gold | target | deployed |",
-        "|---|---|---|---|",
+        *table.split("\n"),
     ]
-    for row in zip(check["questions"], check["gold"], check["target"], check["deployed_answers"], strict=True):
-        lines.append("| " + " | ".join(_cell(text) for text in row) + " |")
-    return lines
-
-
-def sequential_lines(sequential: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Sustainability and scalability tables (``sequential/*.json``); empty when neither ran."""
-    lines: list[str] = []
-    sus = sequential.get("sustainability") or {}
-    scal = sequential.get("scalability") or {}
-    if not sus and not scal:
-        return lines
-    lines += ["", "### Sustainability: sequential requests", ""]
-    if sus.get("rows"):
-        rows = {str(int(row["request"])): _counts_as_int(row) for row in sus["rows"]}
-        base = sus["baseline"]
-        notes = (sus.get("plan") or {}).get("notes") or []
-        lines += [
-            markdown_table(rows, SUSTAINABILITY_COLUMNS, label="request"),
-            "",
-            "Authors are requested one at a time (the forget split's, then the retain split's); each request "
-            "selects its codes on the model the earlier requests left and adds them to the mask. Cells are "
-            "forget ROUGE-L recall on each request's QAs and retain ROUGE on the authors no request touches "
-            f"(before any request: first request {base['forget_rouge_first']:.3f}, retain "
-            f"{base['retain_rouge']:.3f}). `random` is a random mask of the same total size.",
-            *(f"- {note}" for note in notes),
-        ]
-    else:
-        lines.append(f"Not run: {sus.get('skipped', 'no result')}.")
-    lines += ["", "### Scalability: growing forget sets", ""]
-    if scal.get("rows"):
-        rows = {str(int(row["authors"])): _counts_as_int(row) for row in scal["rows"]}
-        notes = (scal.get("plan") or {}).get("notes") or []
-        lines += [
-            markdown_table(rows, SCALABILITY_COLUMNS, label="authors"),
-            "",
-            "One request per forget-set size, each from the unmasked codebook model, with the same retain "
-            f"authors at every size (retain ROUGE without a mask: {scal['baseline']['retain_rouge']:.3f}).",
-            *(f"- {note}" for note in notes),
-        ]
-    else:
-        lines.append(f"Not run: {scal.get('skipped', 'no result')}.")
-    return lines
 
 
 def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
@@ -374,13 +255,13 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         "### Headline: forgetting beside model utility",
         "",
-        markdown_table(metrics, HEADLINE_COLUMNS),
+        metric_table(metrics, HEADLINE_COLUMNS),
         "",
         "Retain is scored on retain authors that neither the selection nor the gate saw (`select.control_authors`).",
         "",
         "### Forgetting (TOFU)",
         "",
-        markdown_table(metrics, FORGET_COLUMNS),
+        metric_table(metrics, FORGET_COLUMNS),
         "",
         "ROUGE is ROUGE-L recall of the greedy answer; Prob the length-normalised answer probability. "
         "TR is the truth-ratio statistic mean(min(R, 1/R)); on the forget set the goal is the oracle's value, "
@@ -389,9 +270,9 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         "### Utility (TOFU)",
         "",
-        markdown_table(metrics, RETAIN_COLUMNS),
+        metric_table(metrics, RETAIN_COLUMNS),
         "",
-        markdown_table(metrics, WORLD_COLUMNS),
+        metric_table(metrics, WORLD_COLUMNS),
         "",
         "Retain TR is mean(max(0, 1 − R)). Model utility is TOFU's harmonic mean of the nine retain, "
         "real-authors (RA) and world-facts (WF) numbers; retain utility is the harmonic mean of the three "
@@ -400,7 +281,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         "### Membership inference",
         "",
-        markdown_table(metrics, MIA_COLUMNS),
+        metric_table(metrics, MIA_COLUMNS),
         "",
         "Attack AUC of telling forget QAs (members) from holdout QAs (authors no model saw), scored on "
         "answer tokens: 1.0 = the forget set still looks trained on, 0.5 = like unseen authors. PrivLeak is "
@@ -413,7 +294,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "",
             "### Quantization attack",
             "",
-            markdown_table(quant, QUANT_COLUMNS, label="model / quantizer"),
+            metric_table(quant, QUANT_COLUMNS, label="model / quantizer"),
             "",
             "Each model as deployed (CodeUnlearn with its mask) re-quantized, linear weights only (embeddings, "
             "LM head and the codebook stay in full precision): `rtn` is symmetric round-to-nearest with one "
@@ -430,7 +311,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "",
             "### Relearning attack",
             "",
-            markdown_table(relearn, RELEARN_COLUMNS),
+            metric_table(relearn, RELEARN_COLUMNS),
             "",
             f"A copy of each model fine-tuned on half of the forget set{setup}; ROUGE measured on the other "
             "half, which the attack never showed. Recovery = after − before. The oracle's row is the "
@@ -445,7 +326,7 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             "",
             "### Code usage",
             "",
-            markdown_table(codes, CODE_COLUMNS, label="mask"),
+            metric_table(codes, CODE_COLUMNS, label="mask"),
             "",
             "Share of the unmasked codebook model's code slots on the forget and the retain set that each mask "
             "disables: a selective mask takes much more of the forget set's codes than of the retain set's.",
@@ -458,31 +339,5 @@ def render_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items() if k != "total")
             + ").",
         ]
-    lines += ["", "## Plots", "", *(f"![{title}]({path})\n" for title, path in plots.items())]
-    return "\n".join(lines) + "\n"
-
-
-def render_studies_report(inputs: Mapping[str, Any], plots: Mapping[str, str]) -> str:
-    """Markdown report of the studies (``flows.studies``): the S' frontier, sustainability and
-    scalability. Like the run report it holds numbers only, never the forget set's text."""
-    lines = [
-        f"# CodeUnlearn studies: profile `{inputs['profile']}`",
-        "",
-        f"Params hash `{inputs['params_hash'][:16]}`; codebook sha256 `{inputs['codebook_sha256'][:16]}`. "
-        "The main job's report (`../report/report.md`) has the request itself; these studies vary it.",
-    ]
-    frontier = inputs.get("frontier") or []
-    if frontier:
-        lines += [
-            "",
-            "### The S' sweep: forget/utility frontier",
-            "",
-            *frontier_table(frontier),
-            "",
-            "Each row disables the first S' codes of one ranked selection. `one_shot` is the paper's test "
-            "(one chi-squared ranking); `iterative` re-counts with the mask applied, so codes that fill "
-            "in for disabled ones are found too; `random` is the matched control.",
-        ]
-    lines += sequential_lines(inputs.get("sequential") or {})
     lines += ["", "## Plots", "", *(f"![{title}]({path})\n" for title, path in plots.items())]
     return "\n".join(lines) + "\n"
