@@ -78,7 +78,7 @@ class RunContext:
     def retain_split(self) -> tuple[list, list]:
         """(control, scored) retain records: the ``select.control_authors`` a selection, a gate or a
         baseline may use, and the other authors, whose retain score is therefore not protected by
-        construction (``codeunlearn.data.split_retain_by_author``)."""
+        construction (``codeunlearn.data.splits.split_retain_by_author``)."""
         retain = read_jsonl_records(self.stage_dir("splits") / "retain.jsonl")
         return split_retain_by_author(retain, self.settings["select"]["control_authors"])
 
