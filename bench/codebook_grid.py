@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from codeunlearn.data.records import read_jsonl_records
-from codeunlearn.eval.scoring import request_scores, split_rouges
-from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.methods.codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
 from codeunlearn.methods.codeunlearn.gate import gate_calibration, gate_mask
 from codeunlearn.methods.codeunlearn.mask import apply_mask, random_mask_like, ranked_mask, unmask
 from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 from codeunlearn.methods.codeunlearn.train import fit_codebook, text_chunks
+from codeunlearn.metrics.scoring import request_scores, split_rouges
+from codeunlearn.metrics.sets import evenly_spaced
+from tasks.common import load_role
 from tasks.context import make_context
-from tasks.models import codebook_recipe, codebook_records, codebook_texts, load_role
+from tasks.models import codebook_recipe, codebook_records, codebook_texts
 
 
 def main() -> None:

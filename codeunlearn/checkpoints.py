@@ -7,13 +7,11 @@ never leaves a checkpoint that a resumed run would trust.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from codeunlearn.io import atomic_dir
 from codeunlearn.methods.codeunlearn.codebook import (
@@ -23,13 +21,7 @@ from codeunlearn.methods.codeunlearn.codebook import (
     load_codebook,
     save_codebook,
 )
-
-
-@dataclass
-class Checkpoint:
-    model: nn.Module
-    tokenizer: Any
-    bottleneck: CodebookBottleneck | None = None
+from codeunlearn.models.load import Checkpoint, load_model_dir
 
 
 def save_checkpoint(
@@ -44,19 +36,12 @@ def save_checkpoint(
 
 def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint; a codebook saved beside the weights is attached again by forward hook."""
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory}: not a model checkpoint (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    bottleneck = None
+    checkpoint = load_model_dir(directory, device)
     if (directory / CODEBOOK_SPEC).exists():
-        bottleneck = load_codebook(directory).to(device)
-        bottleneck.eval()
-        attach_codebook(model, bottleneck)
-    return Checkpoint(model=model, tokenizer=tokenizer, bottleneck=bottleneck)
+        checkpoint.bottleneck = load_codebook(directory).to(device)
+        checkpoint.bottleneck.eval()
+        attach_codebook(checkpoint.model, checkpoint.bottleneck)
+    return checkpoint
 
 
 def model_sha256(model: torch.nn.Module) -> str:

@@ -301,7 +301,7 @@ def test_the_record_library_is_pure():
 
 
 def test_write_once_refuses_to_overwrite(tmp_path):
-    from tasks.audit import AuditRecordExistsError, write_once
+    from codeunlearn.audit.record import AuditRecordExistsError, write_once
 
     path = tmp_path / "r" / "audit.json"
     write_once(path, {"a": 1})
@@ -392,7 +392,8 @@ def test_audit_is_logged_to_mlflow_and_tags_the_model_version(tiny_request):
 
 
 def test_a_second_audit_of_the_same_request_is_refused(tiny_request):
-    from tasks.audit import AuditRecordExistsError, audit_request
+    from codeunlearn.audit.record import AuditRecordExistsError
+    from tasks.audit import audit_request
 
     _, _, forget_file, result = tiny_request
     before = Path(result["audit"]["record"]).read_bytes()
@@ -457,8 +458,8 @@ def test_cli_audit_holds_then_fails_naming_the_tampered_artifact(tiny_request):
 def test_reverify_passes_then_catches_a_swapped_active_mask(tiny_request):
     from mlflow import MlflowClient
 
-    from tasks.audit import latest_unlearned, reverify_model
-    from tasks.request import ACTIVE_MASK
+    from codeunlearn.methods.codeunlearn.method import ACTIVE_MASK
+    from tasks.reverify import latest_unlearned, reverify_model
 
     tmp, _, _, result = tiny_request
     ctx = result["ctx"].with_parent(None)

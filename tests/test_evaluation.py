@@ -10,7 +10,10 @@ import torch
 from codeunlearn.attacks.quantize import QuantizationSpec, quant_name, quantization_attack, quantization_specs
 from codeunlearn.attacks.relearn import relearn_attack, split_halves
 from codeunlearn.data.records import QARecord
-from codeunlearn.eval.scoring import (
+from codeunlearn.lm.generation import answer_token_logprobs
+from codeunlearn.lm.training import TrainSpec
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.metrics.scoring import (
     evaluate_model,
     flatten_metrics,
     forget_retain_rouge,
@@ -20,13 +23,11 @@ from codeunlearn.eval.scoring import (
     split_rouges,
     summarize,
 )
-from codeunlearn.eval.sets import EvalSets, EvalSpec
-from codeunlearn.lm.generation import answer_token_logprobs, answer_token_nll
-from codeunlearn.lm.training import TrainSpec
-from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook
+from codeunlearn.metrics.sets import EvalSets, EvalSpec
 from codeunlearn.metrics.tofu import evaluate_tofu_split
 from codeunlearn.report.run import render_report
 from tests.conftest import report_inputs
+from tests.helpers import answer_nlls
 
 SPEC = EvalSpec(max_new_tokens=6, batch_size=16, score_batch_size=16, max_length=64)
 
@@ -198,10 +199,10 @@ def test_one_pass_matches_the_tested_per_split_metrics(tiny_model, tiny_tokenize
         assert mine["truth_ratios"] == pytest.approx(reference["truth_ratios"], rel=1e-4)
 
 
-def test_answer_token_logprobs_match_answer_token_nll(tiny_model, tiny_tokenizer, sets):
+def test_answer_token_logprobs_do_not_depend_on_the_batch_size(tiny_model, tiny_tokenizer, sets):
     pairs = [(r.question, r.answer) for r in sets.forget] + [(r.question, r.paraphrased_answer) for r in sets.retain]
     logprobs = answer_token_logprobs(tiny_model, tiny_tokenizer, pairs, batch_size=3, max_length=64)
-    reference = answer_token_nll(tiny_model, tiny_tokenizer, pairs, batch_size=5, max_length=64)
+    reference = answer_nlls(tiny_model, tiny_tokenizer, pairs, batch_size=5, max_length=64)
     assert [mean_nll(lp) for lp in logprobs] == pytest.approx(reference, rel=1e-5)
     assert all(lp.dim() == 1 and len(lp) > 0 and (lp <= 0).all() for lp in logprobs)
 

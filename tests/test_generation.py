@@ -9,7 +9,6 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codeunlearn.lm.generation import (
     answer_token_logprobs,
-    answer_token_nll,
     encode_raw,
     generate_answers,
     generate_continuations,
@@ -18,6 +17,7 @@ from codeunlearn.lm.generation import (
 )
 from codeunlearn.lm.prompting import IGNORE_INDEX, encode_qa
 from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
+from tests.helpers import answer_nlls
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,10 @@ def test_stop_strings_cut_like_muse():
     assert truncate_at_stop_strings("Cairo", stops) == "Cairo"
 
 
-def test_answer_token_nll_matches_a_hand_loop(model, tokenizer):
+def test_answer_nll_matches_a_hand_loop(model, tokenizer):
     pairs = [(question, "in Cairo") for question in QUESTIONS]
-    batched = answer_token_nll(model, tokenizer, pairs, batch_size=3, max_length=200)
-    singles = answer_token_nll(model, tokenizer, pairs, batch_size=1, max_length=200)
+    batched = answer_nlls(model, tokenizer, pairs, batch_size=3, max_length=200)
+    singles = answer_nlls(model, tokenizer, pairs, batch_size=1, max_length=200)
     assert batched == pytest.approx(singles, abs=1e-5)
     item = encode_qa(tokenizer, *pairs[1], max_length=200)
     with torch.no_grad():
@@ -110,9 +110,9 @@ def test_answer_token_logprobs_match_a_full_log_softmax(model, tokenizer):
         assert torch.allclose(values, expected[answer], atol=1e-5)
 
 
-def test_answer_token_nll_rejects_fully_truncated_answers(model, tokenizer):
+def test_answer_token_logprobs_reject_fully_truncated_answers(model, tokenizer):
     with pytest.raises(ValueError, match="pair 0"):
-        answer_token_nll(model, tokenizer, [("a long question " * 20, "x")], batch_size=1, max_length=8)
+        answer_token_logprobs(model, tokenizer, [("a long question " * 20, "x")], batch_size=1, max_length=8)
 
 
 def test_text_token_logprobs_score_every_token_after_bos(model, tokenizer):

@@ -17,11 +17,12 @@ import torch
 
 from codeunlearn.checkpoints import model_sha256
 from codeunlearn.data.records import QARecord
-from codeunlearn.lm.generation import answer_token_nll, generate_answers
+from codeunlearn.lm.generation import generate_answers
 from codeunlearn.lm.training import TrainSpec, train_answers
 from codeunlearn.methods import METHODS, get_method
 from codeunlearn.metrics.tofu import rouge_l_recall
 from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
+from tests.helpers import answer_nlls
 
 NAMES = [
     "Alon Brask", "Mira Odell", "Tomas Vey", "Ilka Ruhn", "Pavel Stroud", "Nadia Quell", "Oren Falk", "Sela Varn",
@@ -151,7 +152,7 @@ def trained(single_thread) -> dict[str, Any]:
 
 def mean_nll(model: torch.nn.Module, tokenizer: Any, records: list[QARecord]) -> float:
     pairs = [(r.question, r.answer) for r in records]
-    nlls = answer_token_nll(model, tokenizer, pairs, batch_size=16, max_length=MAX_LENGTH)
+    nlls = answer_nlls(model, tokenizer, pairs, batch_size=16, max_length=MAX_LENGTH)
     return sum(nlls) / len(nlls)
 
 

@@ -10,9 +10,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from codeunlearn.lm.generation import answer_token_nll, encode_raw, text_token_logprobs
+from codeunlearn.lm.generation import encode_raw, text_token_logprobs
 from codeunlearn.metrics import METRICS, get_metric, mia, muse, tofu
 from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
+from tests.helpers import answer_nlls
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,9 @@ SPLIT_ARGS = {"generation_batch_size": 2, "score_batch_size": 4, "max_length": 2
 def test_evaluate_tofu_split_forget_matches_its_parts(model, tokenizer):
     result = tofu.evaluate_tofu_split(model, tokenizer, RECORDS, "forget", **SPLIT_ARGS)
     assert result["n"] == 2
-    para = answer_token_nll(model, tokenizer, [(r.question, r.paraphrased_answer) for r in RECORDS], 1, 200)
-    pert = [answer_token_nll(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200) for r in RECORDS]
-    gold = answer_token_nll(model, tokenizer, [(r.question, r.answer) for r in RECORDS], 1, 200)
+    para = answer_nlls(model, tokenizer, [(r.question, r.paraphrased_answer) for r in RECORDS], 1, 200)
+    pert = [answer_nlls(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200) for r in RECORDS]
+    gold = answer_nlls(model, tokenizer, [(r.question, r.answer) for r in RECORDS], 1, 200)
     assert result["truth_ratios"] == pytest.approx(tofu.truth_ratio(para, pert), rel=1e-5)
     assert result["truth_ratio"] == pytest.approx(tofu.forget_truth_ratio_stat(result["truth_ratios"]))
     assert result["prob"] == pytest.approx(sum(math.exp(-x) for x in gold) / 2, rel=1e-5)
@@ -123,8 +124,8 @@ def test_evaluate_tofu_split_forget_matches_its_parts(model, tokenizer):
 def test_evaluate_tofu_split_real_authors_uses_answer_and_normalised_prob(model, tokenizer):
     no_paraphrase = [Record(r.id, r.question, r.answer, None, r.perturbed_answers) for r in RECORDS]
     result = tofu.evaluate_tofu_split(model, tokenizer, no_paraphrase, "real_authors", **SPLIT_ARGS)
-    gold = answer_token_nll(model, tokenizer, [(r.question, r.answer) for r in RECORDS], 1, 200)
-    pert = [answer_token_nll(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200) for r in RECORDS]
+    gold = answer_nlls(model, tokenizer, [(r.question, r.answer) for r in RECORDS], 1, 200)
+    pert = [answer_nlls(model, tokenizer, [(r.question, a) for a in r.perturbed_answers], 1, 200) for r in RECORDS]
     assert result["truth_ratios"] == pytest.approx(tofu.truth_ratio(gold, pert), rel=1e-5)
     assert result["prob"] == pytest.approx(sum(tofu.normalized_probability(gold, pert)) / 2, rel=1e-5)
     assert result["truth_ratio"] == pytest.approx(tofu.retain_truth_ratio_stat(result["truth_ratios"]))
@@ -239,7 +240,7 @@ def test_mia_auc_perfect_separation_and_chance():
 
 def test_loss_and_min_k_attacks_match_token_logprobs(model, tokenizer):
     logprobs = text_token_logprobs(model, tokenizer, CORPUS, 2, 200)
-    loss = mia.loss_attack(model, tokenizer, CORPUS, batch_size=3, max_length=200)
+    loss = [mia.loss_score(lp) for lp in text_token_logprobs(model, tokenizer, CORPUS, 3, 200)]
     min_k = mia.min_k_attack(model, tokenizer, CORPUS, batch_size=3, max_length=200)
     assert loss == pytest.approx([-lp.mean().item() for lp in logprobs], abs=1e-5)
     assert min_k == pytest.approx([mia.min_k_prob_score(lp) for lp in logprobs], abs=1e-5)

@@ -178,8 +178,8 @@ def test_prompts_longer_than_the_context_keep_their_end(tiny_model, tiny_tokeniz
 
 
 def test_the_suite_scores_the_oracle_first_and_rates_others_against_it(tmp_path, tiny_model, tiny_tokenizer):
+    from codeunlearn.eval.suite import MuseRun
     from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
-    from tasks.evaluate import MuseRun
 
     write_muse(tmp_path)
     sets = load_muse_sets(tmp_path, 2, 2, 4, icl_examples=1)

@@ -217,7 +217,7 @@ def test_an_answer_that_recites_the_forget_set_is_withheld():
 
 
 def test_same_logits_proves_the_residual_codebook_model_is_the_target(tiny_model, tiny_tokenizer, tiny_qa):
-    from codeunlearn.eval.scoring import same_logits
+    from codeunlearn.metrics.scoring import same_logits
 
     target = copy.deepcopy(tiny_model)
     bottleneck, _ = residual_model(tiny_model, tiny_tokenizer, tiny_qa)

@@ -85,7 +85,7 @@ def test_a_comparison_reuses_an_evaluation_only_under_the_same_settings_model_an
 
 
 def test_a_reused_oracle_evaluation_restores_the_scores_every_row_is_relative_to(tmp_path, monkeypatch):
-    from codeunlearn.eval.scoring import ModelScores
+    from codeunlearn.metrics.scoring import ModelScores
     from tasks import compare
 
     ctx = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}})

@@ -9,6 +9,7 @@ import torch
 
 from codeunlearn.eval.sequential import (
     Selector,
+    StudySpec,
     group_by_subject,
     scalability,
     scalability_plan,
@@ -105,7 +106,7 @@ def test_scalability_plan_grows_the_forget_set_and_drops_sizes_that_do_not_fit()
 def test_sequential_requests_accumulate_their_masks(selector):
     plan = sustainability_plan(group_by_subject(author_records()), requests=3)
     scorer = Recorder(selector.bottleneck)
-    result = sustainability(selector, plan, scorer, forget_eval_size=0, retain_eval_size=0, random_control=True, seed=0)
+    result = sustainability(selector, plan, scorer, StudySpec(0, 0, random_control=True, seed=0))
     masks = [set(m["new_ids"]) for m in result["masks"]]
     assert all(masks), "every request disables codes"
     assert not (masks[0] & masks[1]) and not (masks[2] & (masks[0] | masks[1])), "requests never repeat a code"
@@ -148,7 +149,7 @@ def test_gated_sequential_requests_watch_every_earlier_requests_codes(selector):
         gates.append(gated.bottleneck.gate)
         return [0.0] * len(record_sets)
 
-    result = sustainability(gated, plan, scorer, forget_eval_size=0, retain_eval_size=0, random_control=False, seed=0)
+    result = sustainability(gated, plan, scorer, StudySpec(0, 0, random_control=False, seed=0))
     watched = [gate.watch_ids for gate in dict.fromkeys(g for g in gates if g is not None)]
     assert [len(w) for w in watched] == [2, 4, 6]
     assert watched[1][:2] == watched[0] and watched[2][:4] == watched[1]
@@ -159,9 +160,7 @@ def test_gated_sequential_requests_watch_every_earlier_requests_codes(selector):
 def test_each_scalability_step_starts_from_the_unmasked_model(selector):
     plan = scalability_plan(group_by_subject(author_records()), [1, 2, 4])
     scorer = Recorder(selector.bottleneck)
-    result = scalability(
-        selector, plan, scorer, forget_eval_size=6, retain_eval_size=0, random_control=False, seed=0, codes_per_author=3
-    )
+    result = scalability(selector, plan, scorer, StudySpec(6, 0, random_control=False, seed=0), codes_per_author=3)
     rows = result["rows"]
     assert [row["forget_size"] for row in rows] == [4, 8, 16]
     assert [row["authors"] for row in rows] == [1, 2, 4]
@@ -188,13 +187,14 @@ def test_same_seed_gives_the_same_curves(tiny_tokenizer):
         attach_codebook(model, bottleneck)
         selector = Selector(model, bottleneck, tiny_tokenizer, SELECTION, "retain", 5)
         plan = sustainability_plan(group_by_subject(author_records()), requests=2)
-        results.append(sustainability(selector, plan, Recorder(bottleneck), 0, 0, True, seed=7))
+        results.append(sustainability(selector, plan, Recorder(bottleneck), StudySpec(0, 0, True, seed=7)))
     timeless = [[{k: v for k, v in row.items() if k != "select_s"} for row in r["rows"]] for r in results]
     assert timeless[0] == timeless[1] and results[0]["masks"] == results[1]["masks"]
 
 
 def test_the_plot_and_the_task_runner_handle_skipped_experiments(tmp_path):
-    from tasks.sequential import _run, sequential_plot
+    from codeunlearn.report.plots import sequential_plot
+    from tasks.sequential import _run
 
     disabled = _run("scalability", {"enabled": False}, dict)
     assert disabled == {"enabled": False, "skipped": "disabled in params (evaluate.scalability.enabled)"}
@@ -275,10 +275,7 @@ def test_scalability_measures_utility_under_each_sizes_mask(selector):
         selector,
         plan,
         scorer,
-        forget_eval_size=4,
-        retain_eval_size=0,
-        random_control=False,
-        seed=0,
+        StudySpec(4, 0, random_control=False, seed=0),
         codes_per_author=3,
         utility=utility,
     )

@@ -38,9 +38,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from codeunlearn.eval.scoring import ModelScores, score_model, summarize
-from codeunlearn.eval.sets import EvalSets, EvalSpec
 from codeunlearn.metrics.recovery import recovery
+from codeunlearn.metrics.scoring import ModelScores, score_model, summarize
+from codeunlearn.metrics.sets import EvalSets, EvalSpec
 
 log = logging.getLogger(__name__)
 

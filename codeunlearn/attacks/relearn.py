@@ -25,11 +25,11 @@ from typing import Any
 
 from torch import nn
 
-from codeunlearn.eval.scoring import split_rouge, split_rouges
-from codeunlearn.eval.sets import GenerationSpec
 from codeunlearn.lm.training import TrainSpec, train_answers
 from codeunlearn.methods.codeunlearn.codebook import attached_codebook
 from codeunlearn.metrics.recovery import recovery
+from codeunlearn.metrics.scoring import split_rouge, split_rouges
+from codeunlearn.metrics.sets import GenerationSpec
 
 log = logging.getLogger(__name__)
 

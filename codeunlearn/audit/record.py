@@ -10,7 +10,7 @@ An audit record is a JSON-serialisable dict, built once at the end of a request 
 * every artifact the record relies on (masks, codebook, model weights, the forget file), by sha256,
   which ``audit.verify`` re-hashes later.
 
-Pure: hashing, JSON and arithmetic only. No MLflow, no Prefect, no torch.
+Pure: hashing, JSON and arithmetic (and the write-once file). No MLflow, no Prefect, no torch.
 """
 
 from __future__ import annotations
@@ -26,9 +26,11 @@ from typing import Any
 import yaml
 
 from codeunlearn.audit.judge import Thresholds, judge, judged_values
-from codeunlearn.io import sha256_file
+from codeunlearn.data.records import records_sha256
+from codeunlearn.io import atomic_write_bytes, sha256_file
 
 SCHEMA = "codeunlearn.audit/1"
+AUDIT_FILE = "audit.json"  # a request's record, in its folder
 
 
 # --------------------------------------------------------------------------- hashing
@@ -101,6 +103,48 @@ def dvc_lock_summary(path: str | Path) -> dict[str, Any] | None:
 
 
 # --------------------------------------------------------------------------- the record
+
+
+class AuditRecordExistsError(FileExistsError):
+    pass
+
+
+def write_once(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as JSON at ``path`` unless something is there already (then raise).
+
+    Atomic and exclusive: a temporary file is hard-linked into place, which fails if ``path`` exists,
+    so neither a crash nor a race leaves a half-written or replaced record. The file is read-only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise AuditRecordExistsError(f"{path}: audit records are write-once and this one exists; not overwritten")
+    data = (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+    try:
+        atomic_write_bytes(path, data, exclusive=True, read_only=True)
+    except FileExistsError as err:
+        raise AuditRecordExistsError(
+            f"{path}: audit records are write-once and this one exists; not overwritten"
+        ) from err
+
+
+def forget_summary(forget_file: str | Path, records: Sequence[Any]) -> dict[str, Any]:
+    """The forget set as a record names it: the file, its hashes and counts (never text)."""
+    path = Path(forget_file).resolve()
+    return {
+        "file": str(path),
+        "file_sha256": sha256_file(path),
+        "records_sha256": records_sha256(records),
+        "count": len(records),
+        "subjects": len({r.subject for r in records if getattr(r, "subject", "")}),
+    }
+
+
+def split_version(version: str | None) -> tuple[str, str] | None:
+    """A registered version ``name/number`` as (name, number); ``None`` when there is none."""
+    if not version or "/" not in version:
+        return None
+    name, number = version.rsplit("/", 1)
+    return name, number
 
 
 def build_record(

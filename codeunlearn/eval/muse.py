@@ -30,9 +30,9 @@ from typing import Any
 from torch import nn
 
 from codeunlearn.data.muse import read_pairs, read_texts
-from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.metrics import muse
 from codeunlearn.metrics.mia import MIN_K_RATIO, min_k_attack
+from codeunlearn.metrics.sets import evenly_spaced
 
 # Files of shared/data/muse_news (the layout of muse_bench's data/bbc/).
 VERBMEM_FILE = "verbmem/forget.json"

@@ -30,17 +30,32 @@ import numpy as np
 from torch import nn
 
 from codeunlearn.data.records import records_sha256
-from codeunlearn.eval.sets import evenly_spaced
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck
 from codeunlearn.methods.codeunlearn.controls import build_control
 from codeunlearn.methods.codeunlearn.gate import GateCalibration, gate_mask
 from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, random_mask_like, unmask
 from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
 from codeunlearn.metrics import muse
+from codeunlearn.metrics.sets import evenly_spaced
 
 # Mean forget / retain metric (ROUGE-L recall) of the model as it stands, one per record set: every set
 # scored under the same mask comes in one call, so the scorer can decode them in shared batches.
 Scorer = Callable[[Sequence[Sequence[Any]]], list[float]]
+
+
+# Each experiment's result file in the sequential stage's folder.
+FILES = {"sustainability": "sustainability.json", "scalability": "scalability.json"}
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """How a study measures each step: the forget / retain subsets scored (evenly spaced; 0 or less:
+    all), whether a matched random-code control runs beside, and the control's seed."""
+
+    forget_eval_size: int
+    retain_eval_size: int
+    random_control: bool
+    seed: int
 
 
 def group_by_subject(records: Sequence[Any]) -> list[list[Any]]:
@@ -138,10 +153,7 @@ def sustainability(
     select: Selector,
     plan: Plan,
     score: Scorer,
-    forget_eval_size: int,
-    retain_eval_size: int,
-    random_control: bool,
-    seed: int,
+    spec: StudySpec,
 ) -> dict[str, Any]:
     """Run ``plan``'s requests in order, each adding its codes to the mask of the ones before.
 
@@ -150,10 +162,10 @@ def sustainability(
     no mask) and per-step mask sizes. The bottleneck is left unmasked.
     """
     bottleneck = select.bottleneck
-    evals = [evenly_spaced(step, forget_eval_size) for step in plan.steps]
+    evals = [evenly_spaced(step, spec.forget_eval_size) for step in plan.steps]
     sizes = [len(records) for records in evals]
-    retain = evenly_spaced(plan.retain, retain_eval_size)
-    rng = np.random.default_rng(seed)
+    retain = evenly_spaced(plan.retain, spec.retain_eval_size)
+    rng = np.random.default_rng(spec.seed)
     unmask(bottleneck)
     *first_scores, retain_before = score([*evals, retain])
     matrix = [first_scores]
@@ -189,7 +201,7 @@ def sustainability(
             if pending is not None:
                 row["forget_rouge_pending"] = pending
                 row["forget_rouge_pending_before"] = _weighted(matrix[0][done:], sizes[done:])
-            if random_control:
+            if spec.random_control:
                 unmask(bottleneck)
                 apply_mask(bottleneck, random_mask_like(active, rng))
                 *random_forget, random_retain = score([*evals[:done], retain])
@@ -216,10 +228,7 @@ def scalability(
     select: Selector,
     plan: Plan,
     score: Scorer,
-    forget_eval_size: int,
-    retain_eval_size: int,
-    random_control: bool,
-    seed: int,
+    spec: StudySpec,
     codes_per_author: int | None = None,
     utility: Callable[[], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
@@ -229,9 +238,9 @@ def scalability(
     CodeUnlearn row. Returns ``baseline`` and ``rows`` (``muse.scalability_table``, ``forget_size`` in
     QAs). The bottleneck is left unmasked."""
     bottleneck = select.bottleneck
-    evals = [evenly_spaced(step, forget_eval_size) for step in plan.steps]
-    retain = evenly_spaced(plan.retain, retain_eval_size)
-    rng = np.random.default_rng(seed)
+    evals = [evenly_spaced(step, spec.forget_eval_size) for step in plan.steps]
+    retain = evenly_spaced(plan.retain, spec.retain_eval_size)
+    rng = np.random.default_rng(spec.seed)
     unmask(bottleneck)
     baseline = {"retain_rouge": score([retain])[0], **(utility() if utility else {})}
     results: list[dict[str, float]] = []
@@ -255,7 +264,7 @@ def scalability(
                 "select_s": select_s,
                 **(utility() if utility else {}),
             }
-            if random_control:
+            if spec.random_control:
                 unmask(bottleneck)
                 apply_mask(bottleneck, random_mask_like(mask, rng))
                 row["random_forget_rouge"], row["random_retain_rouge"] = score([evals[index], retain])

@@ -257,8 +257,8 @@ def answer_token_logprobs(
 ) -> list[torch.Tensor]:
     """log p of every answer token (EOS included) of each (question, answer), teacher-forced.
 
-    The same token sequence and answer positions as ``answer_token_nll`` (whose value is minus the mean
-    of these), kept per token so that Min-K% and LOSS attacks read the same pass.
+    The token sequence training sees (``prompting.encode_qa``), kept per token so that the NLL
+    (``mean_nll``), Min-K% and LOSS read the same pass.
     """
     _require_positive(batch_size=batch_size, max_length=max_length)
     encoded = encode_answers(tokenizer, pairs, max_length, setting)
@@ -277,30 +277,10 @@ def answer_token_logprobs(
     return [by_index[index] for index in range(len(encoded))]
 
 
-def answer_token_nll(
-    model: nn.Module,
-    tokenizer,
-    pairs: Sequence[tuple[str, str]],
-    batch_size: int,
-    max_length: int,
-    progress: bool = False,
-) -> list[float]:
-    """Mean NLL over the answer tokens (EOS included) of each (question, answer), teacher-forced.
-
-    TOFU's ``avg_gt_loss``: summed token cross-entropy on the labelled tokens divided by their count,
-    on the same token sequence training sees (``prompting.encode_qa``).
-    """
-    _require_positive(batch_size=batch_size, max_length=max_length)
-    encoded = encode_answers(tokenizer, pairs, max_length)
-    device = _device(model)
-    pad_id = pad_token_id(tokenizer)
-    nlls: list[float] = []
-    with evaluating(model):
-        for rows in _batches(len(encoded), batch_size, progress, "scoring answers"):
-            logprobs, answer = _answer_logprobs(model, [encoded[i] for i in rows], pad_id, device)
-            summed = -(logprobs * answer).sum(dim=1)
-            nlls.extend((summed / answer.sum(dim=1)).tolist())
-    return nlls
+def mean_nll(logprobs: torch.Tensor) -> float:
+    """Mean NLL of one item's answer tokens (``answer_token_logprobs``): TOFU's ``avg_gt_loss``, the summed
+    token cross-entropy on the labelled tokens divided by their count."""
+    return float(-(logprobs.sum() / logprobs.numel()))
 
 
 def text_token_logprobs(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from codeunlearn.lm.generation import pad_token_id
 from codeunlearn.lm.prompting import EncodedQA, pad_batch
 from codeunlearn.lm.training import encode_records, linear_warmup, seed_everything, to_device
-from codeunlearn.methods.base import MethodParams, UnlearningMethod, UnlearnResult, working_copy
+from codeunlearn.methods.base import MethodParams, UnlearningMethod, UnlearnJob, UnlearnResult, working_copy
 from codeunlearn.profiling import ResourceMeter
 
 LOOP_KEYS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "grad_clip", "max_length", "seed", "progress")
@@ -186,15 +186,8 @@ class GradientUnlearning(UnlearningMethod):
 
     # -- the shared driver --------------------------------------------------------------------
 
-    def unlearn(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        forget: Sequence[Any],
-        retain: Sequence[Any],
-        params: Mapping[str, Any],
-    ) -> UnlearnResult:
-        p = MethodParams(self.name, params)
+    def run(self, job: UnlearnJob) -> UnlearnResult:
+        p, forget, model, tokenizer = job.params, job.forget, job.model, job.tokenizer
         p.require(LOOP_KEYS + self.method_keys)
         spec = LoopSpec.from_params(p)
         if not forget:
@@ -211,7 +204,7 @@ class GradientUnlearning(UnlearningMethod):
                 spec=spec,
                 device=device,
                 forget=encode_records(tokenizer, forget, spec.max_length),
-                retain=encode_records(tokenizer, retain, spec.max_length),
+                retain=encode_records(tokenizer, job.retain, spec.max_length),
                 pad=pad_token_id(tokenizer),
             )
             if self.uses_retain(ctx) and not ctx.retain:

@@ -2,7 +2,8 @@
 
 Keys are ``<family>.<metric>`` so that same-named metrics of different benchmarks cannot collide.
 Adding a metric is one function in its family's module plus one line here, as open-unlearning's
-metric registry does.
+metric registry does. The evaluation (``metrics.scoring``) looks a row's metrics and its
+membership-inference attacks (``scoring.MIA_ATTACKS``) up here by name.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ METRICS: dict[str, Callable[..., Any]] = {
     "muse.rouge_l_f1": muse.rouge_l_f1,
     "muse.verbmem_rouge": muse.verbmem_rouge,
     "muse.knowmem_rouge": muse.knowmem_rouge,
-    "muse.min_k_prob_score": muse.min_k_prob_score,
     "muse.muse_auc": muse.muse_auc,
     "muse.privleak_auc": muse.privleak_auc,
     "muse.privleak": muse.privleak,
     "muse.scalability_table": muse.scalability_table,
     "muse.sustainability_table": muse.sustainability_table,
     # Membership inference
-    "mia.loss_attack": mia.loss_attack,
     "mia.min_k_attack": mia.min_k_attack,
+    "mia.min_k_prob_score": mia.min_k_prob_score,
+    "mia.loss_score": mia.loss_score,
     "mia.mia_auc": mia.mia_auc,
     # Attacks
     "attacks.recovery": recovery.recovery,

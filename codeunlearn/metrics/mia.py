@@ -47,20 +47,6 @@ def min_k_prob_score(logprobs: torch.Tensor | Sequence[float], k: float = MIN_K_
     return float(-values[:count].mean())
 
 
-def loss_attack(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    batch_size: int,
-    max_length: int,
-    add_bos: bool = True,
-    progress: bool = False,
-) -> list[float]:
-    """Per-text LOSS scores (mean token NLL after BOS)."""
-    logprobs = text_token_logprobs(model, tokenizer, texts, batch_size, max_length, add_bos, progress)
-    return [loss_score(item) for item in logprobs]
-
-
 def min_k_attack(
     model: nn.Module,
     tokenizer,

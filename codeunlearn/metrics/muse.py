@@ -92,16 +92,8 @@ def verbmem_rouge(
     """
     if len(prompts) != len(ground_truths):
         raise ValueError(f"length mismatch: {len(prompts)} prompts, {len(ground_truths)} ground truths")
-    outputs = generate_continuations(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        add_bos=add_bos,
-        progress=progress,
-        max_prompt_tokens=max_prompt_tokens,
-    )
+    options = {"add_bos": add_bos, "progress": progress, "max_prompt_tokens": max_prompt_tokens}
+    outputs = generate_continuations(model, tokenizer, prompts, max_new_tokens, batch_size, **options)
     references = [truncate_to_tokens(tokenizer, gt, max_new_tokens, add_bos) for gt in ground_truths]
     return float(np.mean(rouge_l_f1(outputs, references)))
 
@@ -134,16 +126,9 @@ def knowmem_rouge(
     if len(questions) != len(answers):
         raise ValueError(f"length mismatch: {len(questions)} questions, {len(answers)} answers")
     prompts = [knowmem_prompt(question, icl_questions, icl_answers) for question in questions]
+    options = {"add_bos": add_bos, "stop_strings": stop_strings, "progress": progress}
     outputs = generate_continuations(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        add_bos=add_bos,
-        stop_strings=stop_strings,
-        progress=progress,
-        max_prompt_tokens=max_prompt_tokens,
+        model, tokenizer, prompts, max_new_tokens, batch_size, **options, max_prompt_tokens=max_prompt_tokens
     )
     return float(np.mean(rouge_l_f1(outputs, list(answers))))
 

@@ -18,9 +18,12 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -238,6 +241,29 @@ def _check_manifest(model_dir: Path, source: ModelSource) -> None:
 
 
 # ------------------------------------------------------------------------------------------ saving
+
+
+@dataclass
+class Checkpoint:
+    """A loaded model and its tokenizer; ``bottleneck``: the codebook attached to it, if any
+    (``codeunlearn.checkpoints`` attaches a codebook saved beside the weights)."""
+
+    model: nn.Module
+    tokenizer: Any
+    bottleneck: Any = None
+
+
+def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """A saved model directory (``save_model``, a stage checkpoint) in fp32 and eval mode on ``device``;
+    the tokenizer pads with EOS when it has no pad token."""
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: not a model checkpoint (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return Checkpoint(model=model, tokenizer=tokenizer)
 
 
 def save_model(

@@ -6,6 +6,7 @@ codebook it belongs to; applying it to another codebook is refused. Sequential r
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -69,6 +70,14 @@ def save_mask(mask: CodeMask, out_dir: Path) -> None:
     atomic_write_bytes(out_dir / MASK_META, json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
+def mask_sha256(directory: Path) -> str:
+    """The saved mask's identity: sha256 over its tensors, then its JSON."""
+    digest = hashlib.sha256()
+    for name in (MASK_TENSORS, MASK_META):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
 def load_mask(directory: Path) -> CodeMask:
     for name in (MASK_TENSORS, MASK_META):
         if not (directory / name).exists():
@@ -115,6 +124,15 @@ def unmask(bottleneck: CodebookBottleneck) -> None:
     bottleneck.disabled.zero_()
     bottleneck.gate = None
     bottleneck.strength = 1.0
+
+
+def mask_without(mask: CodeMask, removed: Sequence[int]) -> CodeMask:
+    """``mask`` less the codes ``removed`` (scores dropped): the deployed mask before a request added them."""
+    gone = set(removed)
+    kept = [i for i in mask.disabled_ids if i not in gone]
+    return CodeMask(
+        kept, [0.0] * len(kept), mask.codebook_sha256, mask.num_codes, gate=mask.gate, strength=mask.strength
+    )
 
 
 def ranked_mask(mask: CodeMask, size: int) -> CodeMask:

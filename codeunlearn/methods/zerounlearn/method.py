@@ -49,7 +49,7 @@ Deviations, all deliberate:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,7 +59,14 @@ from tqdm.auto import tqdm
 from codeunlearn.lm.blocks import decoder_layers
 from codeunlearn.lm.generation import pad_token_id
 from codeunlearn.lm.training import encode_records, seed_everything
-from codeunlearn.methods.base import MethodParams, UnlearningMethod, UnlearnResult, register_method, working_copy
+from codeunlearn.methods.base import (
+    MethodParams,
+    UnlearningMethod,
+    UnlearnJob,
+    UnlearnResult,
+    register_method,
+    working_copy,
+)
 from codeunlearn.methods.zerounlearn.edit import LayerData, edit_module, edit_weight
 from codeunlearn.methods.zerounlearn.targets import forget_prompts, optimise_targets, target_ids
 from codeunlearn.profiling import ResourceMeter
@@ -99,15 +106,8 @@ KEYS = (
 class ZeroUnlearn(UnlearningMethod):
     name = "zerounlearn"
 
-    def unlearn(
-        self,
-        model: nn.Module,
-        tokenizer: Any,
-        forget: Sequence[Any],
-        retain: Sequence[Any],
-        params: Mapping[str, Any],
-    ) -> UnlearnResult:
-        p = MethodParams(self.name, params)
+    def run(self, job: UnlearnJob) -> UnlearnResult:
+        p, forget = job.params, job.forget
         p.require(KEYS)
         variant = p.choice("variant", VARIANTS)
         if not forget:
@@ -115,8 +115,8 @@ class ZeroUnlearn(UnlearningMethod):
         with ResourceMeter() as memory:
             started = time.perf_counter()
             seed_everything(p.int("seed"))
-            working = working_copy(model, p)
-            stats = self._edit(working, tokenizer, forget, retain, p, variant)
+            working = working_copy(job.model, p)
+            stats = self._edit(working, job.tokenizer, forget, job.retain, p, variant)
             elapsed = time.perf_counter() - started
         steps = p.int("target_steps") + (p.int("steps") * len(p.int_list("layers")) if variant == "gradient" else 0)
         return UnlearnResult(

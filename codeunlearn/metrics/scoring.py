@@ -33,17 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from codeunlearn.eval.sets import PARAPHRASE_SPLITS, EvalSets, EvalSpec, GenerationSpec, has_truth_ratio_data
-from codeunlearn.lm.generation import answer_token_logprobs, generate_answers
+from codeunlearn.lm.generation import answer_token_logprobs, generate_answers, mean_nll
 from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.lm.training import to_device
-from codeunlearn.metrics import mia, muse
+from codeunlearn.metrics import get_metric
+from codeunlearn.metrics.sets import PARAPHRASE_SPLITS, EvalSets, EvalSpec, GenerationSpec, has_truth_ratio_data
 from codeunlearn.metrics.tofu import (
     UTILITY_SPLITS,
     answer_probability,
-    forget_quality,
     forget_truth_ratio_stat,
-    model_utility,
     model_utility_inputs,
     normalized_probability,
     retain_truth_ratio_stat,
@@ -52,6 +50,15 @@ from codeunlearn.metrics.tofu import (
 )
 
 log = logging.getLogger(__name__)
+
+# Membership-inference attacks, each a METRICS name scoring one item from its answer-token log-probs
+# (with the ``EvalSpec`` field it takes, if any). A row reports each attack's AUC (``mia_<attack>_auc``)
+# and, against the oracle, its PrivLeak (``PRIVLEAK_KEYS``). Adding an attack is a registry entry and a line here.
+MIA_ATTACKS: dict[str, tuple[str, str | None]] = {
+    "min_k": ("mia.min_k_prob_score", "min_k"),
+    "loss": ("mia.loss_score", None),
+}
+PRIVLEAK_KEYS = {"min_k": "privleak", "loss": "privleak_loss"}
 
 
 @dataclass
@@ -108,10 +115,6 @@ def forget_retain_rouge(
 ) -> dict[str, float]:
     forget_rouge, retain_rouge = split_rouges(model, tokenizer, [forget, retain], spec, progress)
     return {"forget_rouge": forget_rouge, "retain_rouge": retain_rouge}
-
-
-def mean_nll(logprobs: torch.Tensor) -> float:
-    return float(-(logprobs.sum() / logprobs.numel()))
 
 
 def _check_records(kind: str, records: Sequence[Any]) -> None:
@@ -226,23 +229,21 @@ def _score_splits(
 
     scores: dict[str, list[float]] = {}
     if holdout is not None:
-        forget_lp = [logprobs[i] for i in layout["forget"]["gold"]]
-        holdout_lp = [logprobs[i] for i in holdout]
-        scores = {
-            "forget_min_k": [mia.min_k_prob_score(lp, spec.min_k) for lp in forget_lp],
-            "holdout_min_k": [mia.min_k_prob_score(lp, spec.min_k) for lp in holdout_lp],
-            "forget_loss": [mia.loss_score(lp) for lp in forget_lp],
-            "holdout_loss": [mia.loss_score(lp) for lp in holdout_lp],
-        }
+        members = {"forget": [logprobs[i] for i in layout["forget"]["gold"]], "holdout": [logprobs[i] for i in holdout]}
+        for attack, (metric, option) in MIA_ATTACKS.items():
+            score, args = get_metric(metric), ((getattr(spec, option),) if option else ())
+            for kind, items in members.items():
+                scores[f"{kind}_{attack}"] = [score(lp, *args) for lp in items]
     return ModelScores(splits=results, mia=scores)
 
 
 def _privleak(scores: ModelScores, oracle: ModelScores, attack: str) -> float | None:
-    auc = muse.muse_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
-    reference = muse.muse_auc(oracle.mia[f"forget_{attack}"], oracle.mia[f"holdout_{attack}"])
+    muse_auc = get_metric("muse.muse_auc")
+    auc = muse_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
+    reference = muse_auc(oracle.mia[f"forget_{attack}"], oracle.mia[f"holdout_{attack}"])
     if reference <= 0:
         return None  # the oracle ranks every holdout item above every forget item: undefined ratio
-    return muse.privleak(auc, reference)
+    return get_metric("muse.privleak")(auc, reference)
 
 
 def summarize(scores: ModelScores, oracle: ModelScores | None = None) -> dict[str, float]:
@@ -260,17 +261,19 @@ def summarize(scores: ModelScores, oracle: ModelScores | None = None) -> dict[st
         mine, reference = scores.splits["forget"], oracle.splits["forget"]
         if mine["n"] != reference["n"]:
             raise ValueError(f"forget quality needs the same items: {mine['n']} vs the oracle's {reference['n']}")
-        out["forget_quality"] = forget_quality(mine["truth_ratios"], reference["truth_ratios"])
+        out["forget_quality"] = get_metric("tofu.forget_quality")(mine["truth_ratios"], reference["truth_ratios"])
+    model_utility = get_metric("tofu.model_utility")
     if all(kind in scores.splits for kind in UTILITY_SPLITS):
         out["model_utility"] = model_utility(model_utility_inputs(scores.splits))
     if "retain" in scores.splits:
         retain = scores.splits["retain"]
         out["retain_utility"] = model_utility([retain["prob"], retain["rouge"], retain["truth_ratio"]])
     if scores.mia:
-        out["mia_min_k_auc"] = mia.mia_auc(scores.mia["forget_min_k"], scores.mia["holdout_min_k"])
-        out["mia_loss_auc"] = mia.mia_auc(scores.mia["forget_loss"], scores.mia["holdout_loss"])
+        mia_auc = get_metric("mia.mia_auc")
+        for attack in MIA_ATTACKS:
+            out[f"mia_{attack}_auc"] = mia_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
         if oracle is not None and oracle.mia:
-            for attack, key in (("min_k", "privleak"), ("loss", "privleak_loss")):
+            for attack, key in PRIVLEAK_KEYS.items():
                 value = _privleak(scores, oracle, attack)
                 if value is not None:
                     out[key] = value
