@@ -11,7 +11,7 @@ import torch
 
 from codeunlearn.checkpoints import load_checkpoint, save_checkpoint
 from codeunlearn.data.splits import split_retain_by_author
-from codeunlearn.lm.training import TrainSpec, encode_records
+from codeunlearn.lm.training import encode_records
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, attach_codebook, codebook_sha256
 from codeunlearn.methods.codeunlearn.counting import rank_codes
 from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, load_mask, save_mask, unmask
@@ -28,6 +28,7 @@ from codeunlearn.methods.codeunlearn.train import (
     train_residual_codebook,
 )
 from tests.conftest import qa
+from tests.helpers import train_spec
 
 RESIDUAL = CodebookSpec(num_codes=24, k=3, layer=0, use_layernorm=False, mode="residual")
 TEXTS = ["The harbour froze early that winter and the ferries stopped.", "A quiet village kept its old mill."]
@@ -36,17 +37,7 @@ TEXTS = ["The harbour froze early that winter and the ferries stopped.", "A quie
 def recipe(spec: CodebookSpec, steps: int = 40, kl_weight: float = 0.0) -> CodebookRecipe:
     return CodebookRecipe(
         spec=spec,
-        train=TrainSpec(
-            steps=6,
-            batch_size=4,
-            lr=1e-3,
-            weight_decay=0.0,
-            warmup_steps=0,
-            max_length=48,
-            grad_clip=1.0,
-            seed=0,
-            log_every=1,
-        ),
+        train=train_spec(steps=6, lr=1e-3),
         loss=CodebookLoss(reconstruction_weight=1.0, l1_weight=1e-3),
         revival=Revival(every=10, noise=0.1),
         init_batches=2,

@@ -11,8 +11,9 @@ import pytest
 from codeunlearn.data.records import DataError, QARecord, load_jsonl, read_jsonl_records, records_sha256, write_jsonl
 from codeunlearn.data.splits import split_by_author, split_summary
 from codeunlearn.data.tofu import attach_perturbations, load_qa_file, load_tofu_file, read_json_records
+from tests.conftest import SHARED_DATA
 
-TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+TOFU_DIR = SHARED_DATA / "tofu"
 
 # Record counts measured in shared/data/tofu/SOURCE.md.
 TOFU_COUNTS = {

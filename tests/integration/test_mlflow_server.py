@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_params
+from tests.helpers import free_port, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +29,6 @@ MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 SERVER_START_TIMEOUT_S = 120
 MIN_SCREENSHOT_BYTES = 40_000  # a blank 1280x900 page is ~6 KB; the rendered run page ~160 KB
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(url: str) -> dict:
@@ -49,36 +42,14 @@ def mlflow_server(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = (tmp / "server.log").open("w")
     command = [
         MLFLOW, "server",
         "--backend-store-uri", f"sqlite:///{tmp / 'db'}",
         "--artifacts-destination", str(tmp / "art"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    server = subprocess.Popen(command, cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not answer /health:\n{(tmp / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+    with running_server(command, tmp, env, f"{url}/health", SERVER_START_TIMEOUT_S):
         yield url, tmp
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codeunlearn.lm.generation import encode_raw, text_token_logprobs
 from codeunlearn.metrics import METRICS, get_metric, mia, muse, tofu
-from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
+from tests.bytelevel import CORPUS
 from tests.helpers import answer_nlls
 
 
@@ -93,16 +92,6 @@ def test_model_utility_harmonic_mean():
         tofu.model_utility([0.5, -0.1])
     with pytest.raises(ValueError):
         tofu.model_utility([])
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> LlamaForCausalLM:
-    return tiny_llama(tokenizer)
 
 
 SPLIT_ARGS = {"generation_batch_size": 2, "score_batch_size": 4, "max_length": 200, "max_new_tokens": 6}

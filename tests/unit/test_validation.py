@@ -20,8 +20,9 @@ from codeunlearn.data.validation_report import (  # noqa: E402
     ValidationReport,
     require_valid,
 )
+from tests.conftest import SHARED_DATA
 
-TOFU_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tofu"
+TOFU_DIR = SHARED_DATA / "tofu"
 BOUNDS = ValidationBounds(
     min_forget=3,
     max_forget=50,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from codeunlearn.lm.generation import (
     answer_token_logprobs,
@@ -16,19 +15,8 @@ from codeunlearn.lm.generation import (
     truncate_at_stop_strings,
 )
 from codeunlearn.lm.prompting import IGNORE_INDEX, encode_qa
-from tests.bytelevel import CORPUS, tiny_llama, tiny_tokenizer
+from tests.bytelevel import CORPUS
 from tests.helpers import answer_nlls
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer) -> LlamaForCausalLM:
-    return tiny_llama(tokenizer)
-
 
 QUESTIONS = [
     "Who wrote the novel?",

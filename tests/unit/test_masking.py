@@ -7,7 +7,6 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from codeunlearn.lm.training import TrainSpec
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, CodebookSpec, codebook_sha256
 from codeunlearn.methods.codeunlearn.counting import CodeCounts
 from codeunlearn.methods.codeunlearn.mask import (
@@ -21,6 +20,7 @@ from codeunlearn.methods.codeunlearn.mask import (
 )
 from codeunlearn.methods.codeunlearn.select import SelectionSpec, chi2_enrichment, rank_enriched_codes, select_mask
 from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
+from tests.helpers import train_spec
 
 
 def counts(values: list[int], tokens: int, k: int = 1) -> CodeCounts:
@@ -97,17 +97,7 @@ def test_random_control_is_matched_and_disjoint():
 
 def codebook_model(tiny_model, tiny_tokenizer, tiny_qa, seed: int):
     records = tiny_qa["forget"] + tiny_qa["retain"]
-    spec = TrainSpec(
-        steps=30,
-        batch_size=4,
-        lr=3e-3,
-        weight_decay=0.0,
-        warmup_steps=2,
-        max_length=48,
-        grad_clip=1.0,
-        seed=seed,
-        log_every=10,
-    )
+    spec = train_spec(steps=30, lr=3e-3, warmup_steps=2, seed=seed, log_every=10)
     bottleneck, history = train_codebook(
         tiny_model,
         tiny_tokenizer,

@@ -27,24 +27,14 @@ from codeunlearn.metrics.sets import EvalSets, EvalSpec
 from codeunlearn.metrics.tofu import evaluate_tofu_split
 from codeunlearn.report.run import render_report
 from tests.conftest import report_inputs
-from tests.helpers import answer_nlls
+from tests.helpers import answer_nlls, train_spec
 
 SPEC = EvalSpec(max_new_tokens=6, batch_size=16, score_batch_size=16, max_length=64)
 
 
 def relearn_spec(steps: int) -> TrainSpec:
     """The relearning attacker's fine-tune, logging its last step only (as the pipeline's)."""
-    return TrainSpec(
-        steps=steps,
-        batch_size=2,
-        lr=1e-2,
-        weight_decay=0.0,
-        warmup_steps=0,
-        max_length=64,
-        grad_clip=1.0,
-        seed=0,
-        log_every=steps,
-    )
+    return train_spec(steps, lr=1e-2, batch_size=2, max_length=64, log_every=steps)
 
 
 TOFU_KEYS = {

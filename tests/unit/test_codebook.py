@@ -14,6 +14,7 @@ from codeunlearn.methods.codeunlearn.codebook import (
     load_codebook,
     save_codebook,
 )
+from tests.helpers import train_spec
 
 
 def make_bottleneck(dim: int = 16, num_codes: int = 32, k: int = 4, layer: int = 0) -> CodebookBottleneck:
@@ -123,21 +124,10 @@ def test_dead_codes_are_revived_from_activations():
 
 
 def test_freeze_below_trains_only_the_blocks_above_the_codebook(tiny_model, tiny_tokenizer, tiny_qa):
-    from codeunlearn.lm.training import TrainSpec
     from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
 
     before = {name: p.detach().clone() for name, p in tiny_model.named_parameters()}
-    spec = TrainSpec(
-        steps=3,
-        batch_size=4,
-        lr=1e-2,
-        weight_decay=0.0,
-        warmup_steps=0,
-        max_length=48,
-        grad_clip=1.0,
-        seed=0,
-        log_every=1,
-    )
+    spec = train_spec(steps=3, lr=1e-2)
     train_codebook(
         tiny_model,
         tiny_tokenizer,

@@ -2,7 +2,7 @@
 
 The server runs on 127.0.0.1 with its own PREFECT_HOME (its own SQLite) under tmp; the scheduler
 service is off, so the nightly cron of ``reverify`` is registered but creates no run here. On the
-tiny setup of ``tests/test_audit.py`` (synthetic QAs, a tiny codebook model, SQLite MLflow under
+tiny setup of ``tests/helpers.py`` (synthetic QAs, a tiny codebook model, SQLite MLflow under
 tmp) the ``request`` deployment runs an unlearning request, then the ``reverify`` deployment
 re-verifies the model version that request registered. Each run goes through
 ``prefect worker start --run-once`` (a process worker executing this checkout).
@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tests.test_audit import build_tiny_setup
+from tests.helpers import build_tiny_setup, free_port, running_server
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +32,6 @@ POOL = "codeunlearn"
 SERVER_START_TIMEOUT_S = 150
 CLI_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 240
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def api(url: str, path: str, payload: dict | None = None, method: str | None = None) -> dict | list:
@@ -77,37 +69,9 @@ def prefect_server(tmp_path_factory):
         "DO_NOT_TRACK": "1",
     }
     env.pop("MLFLOW_TRACKING_URI", None)  # the runs take their store from the params file
-    log = (home / "server.log").open("w")
-    server = subprocess.Popen(
-        [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=home,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            try:
-                api(api_url, "/health")
-                break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Prefect server did not become healthy:\n{(home / 'server.log').read_text()[-3000:]}"
-                    ) from None
-                time.sleep(1)
+    command = [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    with running_server(command, home, env, f"{api_url}/health", SERVER_START_TIMEOUT_S):
         yield api_url, env
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        log.close()
 
 
 def run_deployment(api_url: str, env: dict, deployment_id: str, parameters: dict) -> dict:
