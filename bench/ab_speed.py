@@ -1,6 +1,6 @@
 """Same machine, same model, same sets: the TOFU scoring of one model and a few training steps, timed
 with whichever `codeunlearn` / `tasks` are first on sys.path. Run it once from each of two checkouts to
-A/B them. The evaluation sets are the pipeline's own (``tasks.evaluate.load_sets``) under ``--outputs``;
+A/B them. The evaluation sets are the pipeline's own (``RunContext.eval_sets``) under ``--outputs``;
 the sizes, budgets and training batch come from one params file and profile (``--params``,
 ``--profile``); the generation batch can be overridden, since changing it may be what is compared:
 
@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import codeunlearn
-from codeunlearn.evaluation import EvalSpec, score_model
-from codeunlearn.training import TrainSpec, train_answers
+from codeunlearn.lm.training import TrainSpec, train_answers
+from codeunlearn.metrics.scoring import score_model
+from codeunlearn.metrics.sets import EvalSpec
+from tasks.common import load_role
 from tasks.context import make_context
-from tasks.evaluate import load_sets
-from tasks.models import load_role
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     ctx = make_context(args.profile, args.params, overrides={"paths": {"outputs": str(args.outputs.resolve())}})
     evaluate, finetune = ctx.settings["evaluate"], ctx.settings["finetune"]
     checkpoint = load_role(ctx, args.role)
-    sets = load_sets(ctx)
+    sets = ctx.eval_sets()
     spec = EvalSpec(
         max_new_tokens=evaluate["max_new_tokens"],
         batch_size=args.batch_size or evaluate["batch_size"],

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from codeunlearn.codebook_training import CodebookLoss, Revival, train_codebook
-from codeunlearn.data import QARecord
-from codeunlearn.evaluation import score_model, summarize
-from codeunlearn.generation import generate_answers
-from codeunlearn.prompting import encode_prompt, left_pad_prompts
+from codeunlearn.data.records import QARecord
+from codeunlearn.lm.generation import generate_answers
+from codeunlearn.lm.prompting import encode_prompt, left_pad_prompts
+from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
+from codeunlearn.metrics.scoring import score_model, summarize
+from tasks.common import load_role
 from tasks.context import make_context
-from tasks.evaluate import load_sets
-from tasks.models import codebook_records, codebook_spec, load_role, train_spec
+from tasks.models import codebook_records, codebook_spec, train_spec
 
 TOPICS = (
     "world geography",
@@ -141,7 +141,7 @@ def main() -> None:
         freeze_below=cfg["freeze_below"],
     )
     train_s = time.perf_counter() - started
-    row = summarize(score_model(target.model, target.tokenizer, load_sets(ctx), ctx.eval_spec()), None)
+    row = summarize(score_model(target.model, target.tokenizer, ctx.eval_sets(), ctx.eval_spec()), None)
     pipeline_row = json.loads((ctx.stage_dir("eval") / "metrics.json").read_text())["codebook"]
     keys = [k for k, v in row.items() if isinstance(v, float) and any(s in k for s in ("rouge", "prob", "utility"))]
     result = {

@@ -23,22 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
-from codeunlearn.codebook_training import fit_codebook, text_chunks
-from codeunlearn.data import read_jsonl_records
-from codeunlearn.evaluation import evenly_spaced, request_scores, split_rouges
-from codeunlearn.masking import (
-    SelectionSpec,
-    apply_mask,
-    gate_calibration,
-    gate_mask,
-    random_mask_like,
-    ranked_mask,
-    select_mask,
-    unmask,
-)
+from codeunlearn.data.records import read_jsonl_records
+from codeunlearn.methods.codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
+from codeunlearn.methods.codeunlearn.gate import gate_calibration, gate_mask
+from codeunlearn.methods.codeunlearn.mask import apply_mask, random_mask_like, ranked_mask, unmask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
+from codeunlearn.methods.codeunlearn.train import fit_codebook, text_chunks
+from codeunlearn.metrics.scoring import request_scores, split_rouges
+from codeunlearn.metrics.sets import evenly_spaced
+from tasks.common import load_role
 from tasks.context import make_context
-from tasks.models import codebook_recipe, codebook_records, codebook_texts, load_role
+from tasks.models import codebook_recipe, codebook_records, codebook_texts
 
 
 def main() -> None:

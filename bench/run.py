@@ -19,20 +19,19 @@ from typing import Any
 
 import torch
 
-from codeunlearn.data import read_jsonl_records
-from codeunlearn.evaluation import evenly_spaced
-from codeunlearn.generation import answer_token_nll, generate_answers
+from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import read_json, write_json
-from codeunlearn.leaderboard import leaderboard_rows
-from codeunlearn.masking import unmask
+from codeunlearn.lm.generation import answer_token_logprobs, generate_answers
 from codeunlearn.methods import get_method
+from codeunlearn.methods.codeunlearn.mask import unmask
+from codeunlearn.metrics.sets import evenly_spaced
 from codeunlearn.profiling import ResourceMeter
+from codeunlearn.report.leaderboard import leaderboard_rows
+from tasks.common import load_role
 from tasks.context import REPO_ROOT, RunContext, git_commit, make_context
-from tasks.models import load_role
 
 RESULTS = REPO_ROOT / "bench" / "results"
 OVERHEAD_PROFILE = "smoke"  # Prefect/MLflow overhead is measured where it is largest relative to the work
-MEMORY_SAMPLE_S = 0.05
 
 
 def machine() -> dict[str, Any]:
@@ -102,7 +101,7 @@ def latency(
     else:
         target = load_role(ctx, "target")
         for method in baselines:
-            with ResourceMeter(MEMORY_SAMPLE_S) as meter:
+            with ResourceMeter() as meter:
                 get_method(method).unlearn(
                     target.model, target.tokenizer, forget, retain, ctx.method_params(method, {})
                 )
@@ -129,7 +128,7 @@ def overhead(ctx: RunContext, prompts: int) -> dict[str, Any]:
         gen_s = time.perf_counter() - started
         gen_tokens = sum(len(checkpoint.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
         started = time.perf_counter()
-        answer_token_nll(checkpoint.model, checkpoint.tokenizer, pairs, cfg["score_batch_size"], cfg["max_length"])
+        answer_token_logprobs(checkpoint.model, checkpoint.tokenizer, pairs, cfg["score_batch_size"], cfg["max_length"])
         score_s = time.perf_counter() - started
         scored = sum(len(checkpoint.tokenizer(f"{q} {a}")["input_ids"]) for q, a in pairs)
         result[f"{label}_generation_tokens_per_s"] = gen_tokens / gen_s
@@ -158,6 +157,7 @@ def pipeline_overhead(params_file: Path | None) -> dict[str, Any]:
     stages log themselves; the difference is Prefect and the flow's parent run. The end-to-end times of
     the README's commands are ``bench.pipeline_time``'s (a fresh clone), not derived here."""
     from flows.pipeline import pipeline
+    from tasks.registry import TASKS
     from tasks.stages import PIPELINE
 
     started = time.perf_counter()
@@ -165,8 +165,8 @@ def pipeline_overhead(params_file: Path | None) -> dict[str, Any]:
     flow_s = time.perf_counter() - started
     plain = make_context(OVERHEAD_PROFILE, params_file, overrides={"resume": False})
     started = time.perf_counter()
-    for stage in PIPELINE.values():
-        stage.fn(plain)
+    for name in PIPELINE:
+        TASKS[name].fn(plain)
     library_s = time.perf_counter() - started
     return {"flow_s": flow_s, "library_only_s": library_s, "overhead_ratio": flow_s / library_s}
 

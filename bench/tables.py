@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from codeunlearn.io import read_json
-from codeunlearn.leaderboard import to_markdown
+from codeunlearn.report.leaderboard import to_markdown
+from codeunlearn.report.tables import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LATENCY_KEYS = ("codeunlearn_request_s", "ga_s", "npo_s", "grin_s", "zerounlearn_s", "npo_over_codeunlearn")
@@ -26,8 +27,7 @@ def fmt(value: Any) -> str:
 
 
 def key_value_table(payload: dict[str, Any], keys: tuple[str, ...]) -> str:
-    rows = ["| metric | value |", "|---|---|"] + [f"| {key} | {fmt(payload.get(key))} |" for key in keys]
-    return "\n".join(rows)
+    return markdown_table(["metric", "value"], ([key, fmt(payload.get(key))] for key in keys))
 
 
 def provenance(payload: dict[str, Any]) -> str:

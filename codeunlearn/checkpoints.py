@@ -6,56 +6,59 @@ never leaves a checkpoint that a resumed run would trust.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from dataclasses import dataclass
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from codeunlearn.codebook import CODEBOOK_SPEC, CodebookBottleneck, attach_codebook, load_codebook, save_codebook
-
-
-@dataclass
-class Checkpoint:
-    model: nn.Module
-    tokenizer: Any
-    bottleneck: CodebookBottleneck | None = None
+from codeunlearn.io import atomic_dir
+from codeunlearn.methods.codeunlearn.codebook import (
+    CODEBOOK_SPEC,
+    CodebookBottleneck,
+    attach_codebook,
+    load_codebook,
+    save_codebook,
+)
+from codeunlearn.models.load import Checkpoint, load_model_dir
 
 
 def save_checkpoint(
     model: nn.Module, tokenizer: Any, out_dir: Path, bottleneck: CodebookBottleneck | None = None
 ) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir, if_exists="replace") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         if bottleneck is not None:
             save_codebook(bottleneck, staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Checkpoint:
     """Load a checkpoint; a codebook saved beside the weights is attached again by forward hook."""
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory}: not a model checkpoint (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
-    model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    bottleneck = None
+    checkpoint = load_model_dir(directory, device)
     if (directory / CODEBOOK_SPEC).exists():
-        bottleneck = load_codebook(directory).to(device)
-        bottleneck.eval()
-        attach_codebook(model, bottleneck)
-    return Checkpoint(model=model, tokenizer=tokenizer, bottleneck=bottleneck)
+        checkpoint.bottleneck = load_codebook(directory).to(device)
+        checkpoint.bottleneck.eval()
+        attach_codebook(checkpoint.model, checkpoint.bottleneck)
+    return checkpoint
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """sha256 over the state dict: names sorted, each with dtype, shape and raw bytes.
+
+    Independent of device and of parameter registration order, so the same weights hash the same after
+    a save/load round trip; any changed value, dtype or shape changes it.
+    """
+    digest = hashlib.sha256()
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in sorted(state):
+            tensor = state[name].detach().to("cpu").contiguous()
+            # The header makes the byte stream unambiguous (no two state dicts share a concatenation).
+            nbytes = tensor.numel() * tensor.element_size()
+            header = f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0{nbytes}\n"
+            digest.update(header.encode())
+            # uint8 view: numpy has no bfloat16, and the raw bytes are what we want anyway.
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -29,8 +29,8 @@ def forget(
     params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
 ) -> None:
     """Validate the forget file, unlearn it, evaluate, and register the new model version."""
-    from codeunlearn.data import DataError
-    from codeunlearn.validation import ForgetSetValidationError
+    from codeunlearn.data.records import DataError
+    from codeunlearn.data.validation_report import ForgetSetValidationError
     from flows.request import unlearn
 
     try:
@@ -52,7 +52,7 @@ def audit(
     """Re-hash every artifact a request's audit record names; exit 0 if the record still holds, 1 if not."""
     from pathlib import Path
 
-    from codeunlearn.audit import format_verification, verify_record
+    from codeunlearn.audit.verify import format_verification, verify_record
     from tasks.audit import find_record
     from tasks.context import make_context
     from tasks.tracking import TrackingUnavailableError

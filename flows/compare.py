@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import tracking
-from tasks.compare import evaluate_model, evaluate_reference, leaderboard, run_method
+from tasks.compare import evaluate_model, evaluate_reference, leaderboard, unlearn_method
 from tasks.context import RunContext, make_context
 
 
@@ -50,7 +50,7 @@ def compare_methods(
 ) -> list[dict]:
     ctx = make_context(profile, Path(params_file) if params_file else None, overrides)
     with tracking.flow_run(ctx, "compare") as run_ctx:
-        unlearned = {method: run_method.submit(run_ctx, method) for method in methods}
+        unlearned = {method: unlearn_method.submit(run_ctx, method) for method in methods}
         # The oracle is the reference of every other row, so it is scored first (beside the training);
         # then each model is evaluated as soon as its method has finished, in parallel on the workers.
         suite, oracle_row = evaluate_reference.submit(run_ctx).result()
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="*", default=None)
     args = parser.parse_args(argv)
     rows = compare(profile=args.profile, methods=args.methods)
-    from codeunlearn.leaderboard import to_markdown
+    from codeunlearn.report.leaderboard import to_markdown
 
     print(to_markdown(rows))
 

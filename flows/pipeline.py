@@ -10,7 +10,8 @@ from prefect.task_runners import ProcessPoolTaskRunner
 
 from tasks import tracking
 from tasks.context import make_context
-from tasks.stages import PIPELINE, SIDE_BY_SIDE, stage_groups
+from tasks.registry import TASKS
+from tasks.stages import SIDE_BY_SIDE, stage_groups
 
 HEADLINE = (
     "forget_rouge",
@@ -37,9 +38,9 @@ def pipeline(profile: str | None = None, params_file: str | None = None, resume:
     with tracking.flow_run(ctx, f"pipeline-{ctx.profile}") as run_ctx:
         for group in stage_groups(ctx.settings):
             if len(group) == 1:
-                results[group[0]] = PIPELINE[group[0]](run_ctx)
+                results[group[0]] = TASKS[group[0]](run_ctx)
                 continue
-            futures = {name: PIPELINE[name].submit(run_ctx) for name in group}
+            futures = {name: TASKS[name].submit(run_ctx) for name in group}
             results.update({name: future.result() for name, future in futures.items()})
         results["mlflow_run_id"] = run_ctx.parent_run_id
     return results

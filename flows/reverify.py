@@ -18,8 +18,8 @@ from pathlib import Path
 from prefect import flow
 
 from tasks import tracking
-from tasks.audit import ReverificationError, latest_unlearned, reverify_model
 from tasks.context import make_context
+from tasks.reverify import ReverificationError, latest_unlearned, reverify_model
 
 
 @flow(name="codeunlearn-reverify")

@@ -15,7 +15,8 @@ from prefect import flow
 
 from tasks import tracking
 from tasks.context import make_context
-from tasks.stages import PIPELINE, STUDIES, STUDY_INPUTS
+from tasks.registry import TASKS
+from tasks.stages import STUDIES, STUDY_INPUTS
 
 
 @flow(name="codeunlearn-studies")
@@ -25,9 +26,9 @@ def studies(profile: str | None = None, params_file: str | None = None, resume: 
     results: dict = {}
     with tracking.flow_run(ctx, f"studies-{ctx.profile}") as run_ctx:
         for name in STUDY_INPUTS:
-            PIPELINE[name](run_ctx.resuming())
-        for name, stage in STUDIES.items():
-            results[name] = stage(run_ctx)
+            TASKS[name](run_ctx.resuming())
+        for name in STUDIES:
+            results[name] = TASKS[name](run_ctx)
         results["mlflow_run_id"] = run_ctx.parent_run_id
     return results
 

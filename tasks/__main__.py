@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tasks.context import make_context
+from tasks.registry import TASKS
 from tasks.stages import STAGES
 
 
@@ -14,7 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` field)")
     args = parser.parse_args(argv)
     # DVC decides what is stale (it also tracks code), so the flows' own resume markers stay out of it.
-    STAGES[args.stage].fn(make_context(args.profile, overrides={"resume": False}))
+    TASKS[args.stage].fn(make_context(args.profile, overrides={"resume": False}))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -13,8 +14,13 @@ from typing import Any
 import torch
 
 from codeunlearn.config import load_settings, settings_hash
-from codeunlearn.data import load_tofu_file, read_jsonl_records, split_retain_by_author
-from codeunlearn.evaluation import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records
+from codeunlearn.data.records import read_jsonl_records
+from codeunlearn.data.splits import split_retain_by_author
+from codeunlearn.data.tofu import load_tofu_file
+from codeunlearn.methods import get_method
+from codeunlearn.metrics.sets import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"
@@ -76,7 +82,7 @@ class RunContext:
     def retain_split(self) -> tuple[list, list]:
         """(control, scored) retain records: the ``select.control_authors`` a selection, a gate or a
         baseline may use, and the other authors, whose retain score is therefore not protected by
-        construction (``codeunlearn.data.split_retain_by_author``)."""
+        construction (``codeunlearn.data.splits.split_retain_by_author``)."""
         retain = read_jsonl_records(self.stage_dir("splits") / "retain.jsonl")
         return split_retain_by_author(retain, self.settings["select"]["control_authors"])
 
@@ -105,6 +111,32 @@ class RunContext:
         }
         return EvalSets(forget=[], retain=evenly_spaced(scored, cfg["retain_eval_size"]), **extra)
 
+    def eval_sets(self) -> EvalSets:
+        """The evaluation records: forget with truth-ratio data, the model-utility sets (``utility_sets``),
+        the MIA holdout."""
+        cfg = self.settings["evaluate"]
+        splits = self.stage_dir("splits")
+        forget = truth_ratio_records(read_jsonl_records(splits / "forget.jsonl"), "forget")
+        utility = self.utility_sets()
+        for kind, records in (("forget", forget), ("retain", utility.retain)):
+            if not records:
+                raise ValueError(f"{kind}: no record carries the perturbed answers the truth ratio needs")
+        holdout_file = cfg["mia"]["holdout_file"]
+        tofu_dir = self.resolve(self.settings["paths"]["tofu_dir"])
+        holdout = (
+            load_tofu_file(tofu_dir / holdout_file) if holdout_file else read_jsonl_records(splits / "holdout.jsonl")
+        )
+        holdout = evenly_spaced(holdout, cfg["mia"]["holdout_size"])
+        if not holdout:
+            log.warning("no holdout records: membership inference and PrivLeak are skipped")
+        return EvalSets(
+            forget=evenly_spaced(forget, cfg["forget_eval_size"]),
+            retain=utility.retain,
+            real_authors=utility.real_authors,
+            world_facts=utility.world_facts,
+            holdout=holdout,
+        )
+
     @property
     def progress(self) -> bool:
         return bool(self.settings.get("progress", True))
@@ -123,10 +155,8 @@ class RunContext:
             torch.set_num_threads(threads)
 
     def method_params(self, method: str, provenance: dict[str, Any]) -> dict[str, Any]:
-        """A method's params block (CodeUnlearn's is ``select``), with the run's seed and progress flag."""
-        block = self.settings["select"] if method == "codeunlearn" else self.settings["methods"].get(method)
-        if block is None:
-            raise KeyError(f"params.yaml: no block 'methods.{method}'")
+        """A method's params block (where the method keeps it), with the run's seed and progress flag."""
+        block = get_method(method).params(self.settings)
         return {**block, "seed": self.settings["seed"], "progress": self.progress, "provenance": provenance}
 
     def with_parent(self, run_id: str | None) -> RunContext:

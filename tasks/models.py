@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from codeunlearn.codebook import CodebookSpec, codebook_sha256
-from codeunlearn.codebook_training import CodebookLoss, CodebookRecipe, ResidualFit, Revival, fit_codebook, text_chunks
-from codeunlearn.data import read_jsonl_records, records_sha256
+from codeunlearn.checkpoints import save_checkpoint
+from codeunlearn.data.muse import read_texts
+from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.io import read_json, write_json
-from codeunlearn.masking import count_codes
-from codeunlearn.models import load_model
-from codeunlearn.muse_eval import read_texts
-from codeunlearn.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
-from codeunlearn.training import TrainSpec, resolve_device, train_answers
+from codeunlearn.lm.training import TrainSpec, train_answers
+from codeunlearn.methods.codeunlearn.codebook import CodebookSpec, codebook_sha256
+from codeunlearn.methods.codeunlearn.counting import count_codes
+from codeunlearn.methods.codeunlearn.train import (
+    CodebookLoss,
+    CodebookRecipe,
+    ResidualFit,
+    Revival,
+    fit_codebook,
+    text_chunks,
+)
+from codeunlearn.models.load import load_model
+from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama, train_tokenizer
 from tasks import tracking
+from tasks.common import base_pointer, load_role, model_dir
 from tasks.context import RunContext, torch_threads
 from tasks.resume import resumable
 
@@ -26,22 +32,6 @@ TINY_SOURCE = "tiny"
 
 def train_spec(ctx: RunContext, block: str) -> TrainSpec:
     return TrainSpec(seed=ctx.settings["seed"], **ctx.settings[block])
-
-
-def model_dir(ctx: RunContext, role: str) -> Path:
-    return ctx.stage_dir("models") / role
-
-
-def base_pointer(ctx: RunContext) -> Path:
-    return ctx.stage_dir("models") / "base.json"
-
-
-def load_role(ctx: RunContext, role: str) -> Checkpoint:
-    """Load a stage's checkpoint; the base model may live in the shared cache (see ``base_model``)."""
-    directory = model_dir(ctx, role)
-    if role == "base":
-        directory = Path(read_json(base_pointer(ctx))["checkpoint"])
-    return load_checkpoint(directory, resolve_device(ctx.settings["device"]))
 
 
 def data_tags(ctx: RunContext) -> dict[str, str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.data import Splits, attach_perturbations, load_tofu_file, split_by_author, split_summary, write_jsonl
+from codeunlearn.data.records import write_jsonl
+from codeunlearn.data.splits import Splits, split_by_author, split_summary
+from codeunlearn.data.tofu import attach_perturbations, load_tofu_file
 from codeunlearn.io import write_json
 from tasks import tracking
 from tasks.context import RunContext

@@ -8,14 +8,15 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
+from codeunlearn.eval.sequential import FILES as SEQUENTIAL_FILES
+from codeunlearn.eval.suite import GENERAL_CHECK
 from codeunlearn.io import atomic_write_text, read_json
-from codeunlearn.report import render_report, render_studies_report
+from codeunlearn.report.plots import FRONTIER_PLOT, PLOTS, SEQUENTIAL_PLOT
+from codeunlearn.report.run import render_report
+from codeunlearn.report.studies import render_studies_report
 from tasks import tracking
 from tasks.context import RunContext
-from tasks.evaluate import GENERAL_CHECK, PLOTS
 from tasks.resume import resumable
-from tasks.sequential import FILES as SEQUENTIAL_FILES
-from tasks.sequential import PLOT as SEQUENTIAL_PLOT
 
 STUDIES_REPORT = Path("studies") / "report.md"
 
@@ -58,7 +59,7 @@ def studies_report(ctx: RunContext) -> str:
         },
     }
     plot_files = {
-        "Forget/utility frontier over S'": ctx.stage_dir("sweep") / "frontier.png",
+        "Forget/utility frontier over S'": ctx.stage_dir("sweep") / FRONTIER_PLOT,
         "Sustainability and scalability": sequential_dir / SEQUENTIAL_PLOT,
     }
     plots = {title: f"../{file.parent.name}/{file.name}" for title, file in plot_files.items() if file.exists()}

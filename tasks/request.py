@@ -1,42 +1,31 @@
 """An on-demand unlearning request: validate a forget file, unlearn, evaluate, register the new version.
 
-For CodeUnlearn the deployed model is the codebook model plus the *active* mask, the union of every
-request so far: each request adds its codes, and ``unmask`` would restore the codebook model exactly.
+Every method alike (``UnlearningMethod``'s deployment): it starts from its base model, and a cumulative
+method (CodeUnlearn) from the state every earlier request left deployed, its *active* mask: each request
+adds its codes, and ``unmask`` would restore the codebook model exactly.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from codeunlearn.data import load_qa_file, read_jsonl_records, records_sha256
-from codeunlearn.evaluation import request_scores
-from codeunlearn.io import read_json, write_json
-from codeunlearn.masking import CodeMask, apply_mask, load_mask, save_mask, unmask
+from codeunlearn.data.records import read_jsonl_records, records_sha256
+from codeunlearn.data.tofu import load_qa_file
+from codeunlearn.io import write_json
 from codeunlearn.methods import get_method
+from codeunlearn.metrics.scoring import request_scores
+from codeunlearn.models.load import Checkpoint
 from tasks import tracking
+from tasks.common import check_forget_retain, deploy, load_role, model_dir, requests_dir, run_method
 from tasks.context import RunContext
-from tasks.models import load_role
-from tasks.validate import check_forget_retain
-
-ACTIVE_MASK = "active_mask"
 
 
-def requests_dir(ctx: RunContext) -> Path:
-    return ctx.stage_dir("requests")
-
-
-def mask_sha256(directory: Path) -> str:
-    digest = hashlib.sha256()
-    for name in ("mask.safetensors", "mask.json"):
-        digest.update((directory / name).read_bytes())
-    return digest.hexdigest()
+def deployed_state(ctx: RunContext, method: str, request_id: str) -> Path:
+    return get_method(method).deployed_state(requests_dir(ctx), requests_dir(ctx) / request_id)
 
 
 @task(name="load_request", cache_policy=NONE)
@@ -52,35 +41,21 @@ def load_request(ctx: RunContext, forget_file: str) -> dict:
 
 @task(name="unlearn_request", cache_policy=NONE)
 def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dict) -> dict:
-    """Run the method; CodeUnlearn adds its codes to the active mask, others write an edited model."""
+    """Run the method from the deployed model and save its result (a cumulative one adds to the deployed state)."""
     forget = load_qa_file(forget_file)
     retain, _ = ctx.retain_split()
     out = requests_dir(ctx) / request["request_id"]
-    base_role = "codebook" if method == "codeunlearn" else "target"
-    checkpoint = load_role(ctx, base_role)
-    active_dir = requests_dir(ctx) / ACTIVE_MASK
-    previous = load_mask(active_dir) if (active_dir / "mask.json").exists() else None
-    if previous is not None and checkpoint.bottleneck is not None:
-        apply_mask(checkpoint.bottleneck, previous, source=str(active_dir))
-    params = ctx.method_params(method, {"request_id": request["request_id"], "params_hash": ctx.params_hash})
-    started = time.perf_counter()
+    provenance = {"request_id": request["request_id"], "params_hash": ctx.params_hash}
+    state = deployed_state(ctx, method, out.name)
     with tracking.stage_run(ctx, "unlearn_request"):
-        result = get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
-        latency = time.perf_counter() - started
-        summary = {"method": method, "request_latency_s": latency, **result.stats}
+        run = run_method(ctx, method, forget, retain, out, provenance, state)
+        summary = {"method": method, "request_latency_s": run.wall_s, **run.result.stats, **run.deployed}
         if ctx.settings["tracking"]["log_raw_text"]:
             # Opt-in only: the forget set is the very data being erased.
             tracking.log_artifacts(Path(forget_file), "forget_set")
-        if "code_mask" in result.artifacts:
-            new_mask: CodeMask = result.artifacts["code_mask"]
-            merged = previous.merged_with(new_mask) if previous is not None else new_mask
-            save_mask(new_mask, out / "mask")
-            save_mask(merged, active_dir)
-            summary["active_disabled_codes"] = len(merged.disabled_ids)
-            summary["mask_sha256"] = mask_sha256(active_dir)
-            tracking.log_artifacts(out / "mask", "mask")
-        else:
-            save_checkpoint(result.model, checkpoint.tokenizer, out / "model")
+        saved = out / get_method(method).saved_as
+        if saved != state:  # the request's own result; the deployed state is logged when it is registered
+            tracking.log_artifacts(saved, saved.name)
         tracking.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
     write_json(out / "unlearn.json", summary)
     return summary
@@ -94,30 +69,16 @@ def evaluate_request(ctx: RunContext, forget_file: str, method: str, request: di
     utility = ctx.utility_sets()
     spec = ctx.eval_spec()
     out = requests_dir(ctx) / request["request_id"]
+    unlearning = get_method(method)
+    state = deployed_state(ctx, method, out.name)
 
     def scores(checkpoint: Checkpoint) -> dict[str, float]:
         return request_scores(checkpoint.model, checkpoint.tokenizer, forget, utility, spec)
 
-    if method == "codeunlearn":
-        checkpoint = load_role(ctx, "codebook")
-        active = load_mask(requests_dir(ctx) / ACTIVE_MASK)
-        new_ids = set(load_mask(out / "mask").disabled_ids)
-        kept = [i for i in active.disabled_ids if i not in new_ids]
-        before = CodeMask(
-            kept,
-            [0.0] * len(kept),
-            active.codebook_sha256,
-            active.num_codes,
-            gate=active.gate,
-            strength=active.strength,
-        )
-        apply_mask(checkpoint.bottleneck, before)
-        metrics = {"before": scores(checkpoint)}
-        unmask(checkpoint.bottleneck)
-        apply_mask(checkpoint.bottleneck, active)
-        metrics["after"] = scores(checkpoint)
-    else:
-        metrics = {"before": scores(load_role(ctx, "target")), "after": scores(load_checkpoint(out / "model"))}
+    before = unlearning.before(lambda: load_role(ctx, unlearning.base_role), state, out)
+    metrics = {"before": scores(before)}
+    del before
+    metrics["after"] = scores(deploy(ctx, method, state))
     write_json(out / "metrics.json", metrics)
     with tracking.stage_run(ctx, "evaluate_request"):
         tracking.log_metrics({f"{when}.{k}": v for when, values in metrics.items() for k, v in values.items()})
@@ -128,20 +89,16 @@ def evaluate_request(ctx: RunContext, forget_file: str, method: str, request: di
 def register_request(ctx: RunContext, method: str, request: dict, unlearned: dict) -> str | None:
     """A new registered version of the unlearned model, tagged with what an auditor needs."""
     out = requests_dir(ctx) / request["request_id"]
+    unlearning = get_method(method)
+    state = deployed_state(ctx, method, out.name)
     tags = {
         "codeunlearn.request_id": request["request_id"],
         "codeunlearn.method": method,
         "codeunlearn.forget_sha256": request["forget_sha256"],
         "codeunlearn.forget_count": str(request["forget_count"]),
+        **unlearning.version_tags(model_dir(ctx, unlearning.base_role), state, unlearned),
     }
-    if method == "codeunlearn":
-        codebook = read_json(ctx.stage_dir("models") / "codebook" / "codebook.json")
-        tags["codeunlearn.codebook_sha256"] = codebook["sha256"]
-        tags["codeunlearn.mask_sha256"] = unlearned["mask_sha256"]
-        artifact = requests_dir(ctx) / ACTIVE_MASK
-    else:
-        artifact = out / "model"
     with tracking.stage_run(ctx, "register_request"):
-        version = tracking.register_model_dir(ctx, artifact, f"unlearned-{method}", tags)
+        version = tracking.register_model_dir(ctx, state, f"unlearned-{method}", tags)
     write_json(out / "registered.json", {"version": version, "tags": tags})
     return version

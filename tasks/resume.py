@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from codeunlearn.config import settings_hash
 from codeunlearn.io import read_json, write_json
 from tasks.context import RunContext
+from tasks.stages import STAGES
 
 R = TypeVar("R")
 SPLITS_SUMMARY = Path("splits") / "summary.json"
@@ -43,15 +44,9 @@ def marker_path(ctx: RunContext, stage: str) -> Path:
     return ctx.out_dir / ".stages" / f"{stage}.json"
 
 
-def _pipeline_order() -> list[str]:
-    from tasks.stages import STAGES  # imported late: the stage modules import this one
-
-    return list(STAGES)
-
-
 def stage_settings(settings: dict[str, Any], stage: str) -> dict[str, Any]:
     """The part of the settings that can change a stage's outputs (see ``FIRST_READER``)."""
-    order = _pipeline_order()
+    order = list(STAGES)
     position = order.index(stage) if stage in order else len(order)
 
     def read_by_now(block: str) -> bool:

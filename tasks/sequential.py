@@ -10,100 +10,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import matplotlib
+from prefect import task
+from prefect.cache_policies import NONE
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NONE  # noqa: E402
-
-from codeunlearn.checkpoints import Checkpoint  # noqa: E402
-from codeunlearn.data import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, request_scores, split_rouges  # noqa: E402
-from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
-from codeunlearn.sequential import (  # noqa: E402
-    Selector,
-    group_by_subject,
-    scalability,
-    scalability_plan,
-    sustainability,
-    sustainability_plan,
-)
-from tasks import tracking  # noqa: E402
-from tasks.context import RunContext, torch_threads  # noqa: E402
-from tasks.models import load_role  # noqa: E402
-from tasks.resume import resumable  # noqa: E402
+from codeunlearn.data.records import read_jsonl_records
+from codeunlearn.eval import sequential as studies
+from codeunlearn.io import write_json
+from codeunlearn.methods.codeunlearn.gate import gate_calibration
+from codeunlearn.methods.codeunlearn.select import SelectionSpec
+from codeunlearn.metrics.scoring import request_scores, split_rouges
+from codeunlearn.metrics.sets import GenerationSpec
+from codeunlearn.models.load import Checkpoint
+from codeunlearn.report.plots import SEQUENTIAL_PLOT, sequential_plot
+from tasks import tracking
+from tasks.common import load_role
+from tasks.context import RunContext, torch_threads
+from tasks.resume import resumable
 
 log = logging.getLogger(__name__)
 
-FILES = {"sustainability": "sustainability.json", "scalability": "scalability.json"}
 UTILITY_KEYS = ("model_utility", "world_facts_rouge", "real_authors_rouge")
-PLOT = "sequential.png"
 
 
-def _plot_sustainability(ax: Any, result: dict[str, Any]) -> None:
-    rows = result["rows"]
-    x = [0, *[int(row["request"]) for row in rows]]
-    baseline = result["baseline"]
-    first = [baseline["forget_rouge_first"], *[row["forget_rouge_first"] for row in rows]]
-    ax.plot(x, first, "o-", label="forget: first request's set")
-    ax.plot(x[1:], [row["forget_rouge_requested"] for row in rows], "s-", label="forget: all requested so far")
-    ax.plot(x[1:], [row["forget_rouge_current"] for row in rows], "^:", label="forget: the new request's set")
-    ax.plot(x, [baseline["retain_rouge"], *[row["retain_rouge"] for row in rows]], "o-", label="retain")
-    if rows and "random_retain_rouge" in rows[0]:
-        ax.plot(
-            x[1:],
-            [row["random_forget_rouge_requested"] for row in rows],
-            "s--",
-            color="0.5",
-            label="random codes: forget requested",
-        )
-        ax.plot(x[1:], [row["random_retain_rouge"] for row in rows], "o--", color="0.7", label="random codes: retain")
-    ax.set_xticks(x)
-    ax.set_xlabel("requests so far (0 = codebook model, no mask)")
-    ax.set_ylabel("ROUGE-L recall")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Sustainability: sequential requests")
-    ax.legend(fontsize=7)
-
-
-def _plot_scalability(ax: Any, result: dict[str, Any]) -> None:
-    rows = result["rows"]
-    x = [int(row["authors"]) for row in rows]
-    ax.plot(x, [row["forget_rouge_before"] for row in rows], "o:", color="0.3", label="forget, no mask")
-    ax.plot(x, [row["forget_rouge"] for row in rows], "s-", label="forget, CodeUnlearn")
-    ax.plot(x, [row["retain_rouge"] for row in rows], "o-", label="retain, CodeUnlearn")
-    if rows and "random_forget_rouge" in rows[0]:
-        ax.plot(x, [row["random_forget_rouge"] for row in rows], "s--", color="0.5", label="forget, random codes")
-        ax.plot(x, [row["random_retain_rouge"] for row in rows], "o--", color="0.7", label="retain, random codes")
-    ax.set_xticks(x)
-    ax.set_xlabel("authors in the forget set")
-    ax.set_ylabel("ROUGE-L recall")
-    ax.set_ylim(0, 1.05)
-    ax.set_title("Scalability: growing forget sets")
-    ax.legend(fontsize=7)
-
-
-def sequential_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
-    """One panel per experiment that ran (a note in place of a disabled or skipped one)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (name, draw) in zip(
-        axes, (("sustainability", _plot_sustainability), ("scalability", _plot_scalability)), strict=True
-    ):
-        result = results.get(name) or {}
-        if result.get("rows"):
-            draw(ax, result)
-        else:
-            ax.set_axis_off()
-            ax.text(0.5, 0.5, f"{name}: {result.get('skipped', 'not run')}", ha="center", va="center", wrap=True)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def study_spec(cfg: dict[str, Any], seed: int) -> studies.StudySpec:
+    return studies.StudySpec(cfg["forget_eval_size"], cfg["retain_eval_size"], cfg["random_control"], seed)
 
 
 def _run(name: str, cfg: dict[str, Any], experiment: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -122,7 +54,7 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
     sus, scal = cfg["sustainability"], cfg["scalability"]
     select_cfg, seed = ctx.settings["select"], ctx.settings["seed"]
     spec = SelectionSpec(**{k: select_cfg[k] for k in SelectionSpec.__dataclass_fields__})
-    selector = Selector(
+    selector = studies.Selector(
         model=checkpoint.model,
         bottleneck=checkpoint.bottleneck,
         tokenizer=checkpoint.tokenizer,
@@ -137,10 +69,8 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
         return split_rouges(checkpoint.model, checkpoint.tokenizer, record_sets, generation)
 
     def run_sustainability() -> dict[str, Any]:
-        plan = sustainability_plan(authors, sus["requests"], sus["authors_per_request"])
-        return sustainability(
-            selector, plan, score, sus["forget_eval_size"], sus["retain_eval_size"], sus["random_control"], seed
-        )
+        plan = studies.sustainability_plan(authors, sus["requests"], sus["authors_per_request"])
+        return studies.sustainability(selector, plan, score, study_spec(sus, seed))
 
     utility_sets, spec = ctx.utility_sets(), ctx.eval_spec()
 
@@ -149,15 +79,12 @@ def run_experiments(ctx: RunContext, authors: list[list], checkpoint: Checkpoint
         return {key: row[key] for key in UTILITY_KEYS if key in row}
 
     def run_scalability() -> dict[str, Any]:
-        plan = scalability_plan(authors, scal["authors"])
-        return scalability(
+        plan = studies.scalability_plan(authors, scal["authors"])
+        return studies.scalability(
             selector,
             plan,
             score,
-            scal["forget_eval_size"],
-            scal["retain_eval_size"],
-            scal["random_control"],
-            seed,
+            study_spec(scal, seed),
             scal["codes_per_author"],
             utility if scal["utility"] else None,
         )
@@ -175,17 +102,17 @@ def sequential(ctx: RunContext) -> dict:
     cfg = ctx.settings["evaluate"]
     splits = ctx.stage_dir("splits")
     # The forget split's authors first, then the retain split's: the codebook model saw them all.
-    authors = group_by_subject(
+    authors = studies.group_by_subject(
         read_jsonl_records(splits / "forget.jsonl") + read_jsonl_records(splits / "retain.jsonl")
     )
     if cfg["sustainability"]["enabled"] or cfg["scalability"]["enabled"]:
         results = run_experiments(ctx, authors, load_role(ctx, "codebook"))
     else:
-        results = {name: _run(name, cfg[name], dict) for name in FILES}
+        results = {name: _run(name, cfg[name], dict) for name in studies.FILES}
     out = ctx.stage_dir("sequential")
-    for name, file in FILES.items():
+    for name, file in studies.FILES.items():
         write_json(out / file, results[name])
-    sequential_plot(results, out / PLOT)
+    sequential_plot(results, out / SEQUENTIAL_PLOT)
     with tracking.stage_run(ctx, "sequential"):
         for row in results["sustainability"].get("rows", []):
             tracking.log_metrics({f"sustainability.{k}": v for k, v in row.items()}, step=int(row["request"]))

@@ -1,4 +1,5 @@
-"""The stages in order, by name: the lists the flows, DVC and the CLI share.
+"""The stages in order, by name: plain data the flows, DVC (``tests/test_stages.py`` checks dvc.yaml),
+the resume fingerprints and the CLI share. ``tasks.registry`` maps each name to its Prefect task.
 
 ``PIPELINE`` is the main job (``flows.pipeline``): one unlearning request, trained, applied, measured
 and reported. ``STUDIES`` (``flows.studies``) vary that request (the S' frontier, sequential and
@@ -8,28 +9,24 @@ waits for them.
 
 from __future__ import annotations
 
-from tasks.evaluate import evaluate
-from tasks.models import base_model, finetune_oracle, finetune_target, train_codebook_stage
-from tasks.prepare_data import prepare_data
-from tasks.report import report, studies_report
-from tasks.sequential import sequential
-from tasks.sweep import sweep
-from tasks.unlearn import select_codes
-from tasks.validate import validate_forget_set
-
-PIPELINE = {
-    "prepare_data": prepare_data,
-    "validate_forget_set": validate_forget_set,
-    "base_model": base_model,
-    "finetune_target": finetune_target,
-    "finetune_oracle": finetune_oracle,
-    "train_codebook": train_codebook_stage,
-    "select_codes": select_codes,
-    "evaluate": evaluate,
-    "report": report,
-}
+PIPELINE = (
+    "prepare_data",
+    "validate_forget_set",
+    "base_model",
+    "finetune_target",
+    "finetune_oracle",
+    "train_codebook",
+    "select_codes",
+    "evaluate",
+    "report",
+)
 # Stages that may run at once, each in its own process (``side_by_side`` in params.yaml).
 SIDE_BY_SIDE = ("finetune_target", "finetune_oracle")
+# The main-job stages the studies read (splits and codebook): the studies flow resumes them, so a
+# finished main job is reused as it is, and the studies never need its evaluation.
+STUDY_INPUTS = ("prepare_data", "validate_forget_set", "base_model", "finetune_target", "train_codebook")
+STUDIES = ("sweep", "sequential", "studies_report")
+STAGES = PIPELINE + STUDIES
 
 
 def stage_groups(settings: dict) -> list[tuple[str, ...]]:
@@ -44,14 +41,3 @@ def stage_groups(settings: dict) -> list[tuple[str, ...]]:
         else:
             groups.append((name,))
     return groups
-
-
-# The main-job stages the studies read (splits and codebook): the studies flow resumes them, so a
-# finished main job is reused as it is, and the studies never need its evaluation.
-STUDY_INPUTS = ("prepare_data", "validate_forget_set", "base_model", "finetune_target", "train_codebook")
-STUDIES = {
-    "sweep": sweep,
-    "sequential": sequential,
-    "studies_report": studies_report,
-}
-STAGES = {**PIPELINE, **STUDIES}

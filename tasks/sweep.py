@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from prefect import task
+from prefect.cache_policies import NONE
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NONE  # noqa: E402
-
-from codeunlearn.data import read_jsonl_records  # noqa: E402
-from codeunlearn.evaluation import GenerationSpec, evenly_spaced, forget_retain_rouge  # noqa: E402
-from codeunlearn.io import write_json  # noqa: E402
-from codeunlearn.masking import SelectionSpec, gate_calibration  # noqa: E402
-from codeunlearn.sweep import frontier  # noqa: E402
-from tasks import tracking  # noqa: E402
-from tasks.context import RunContext  # noqa: E402
-from tasks.models import load_role  # noqa: E402
-from tasks.resume import resumable  # noqa: E402
-
-
-def frontier_plot(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    series = sorted({(r["selection"], r["control"]) for r in rows if r["selection"] != "none"})
-    for selection, control in series:
-        points = sorted(
-            (r for r in rows if (r["selection"], r["control"]) == (selection, control)), key=lambda r: r["size"]
-        )
-        label = f"{selection}, control: {control}" if selection != "random" else "random codes (ungated)"
-        ax.plot([p["forget_rouge"] for p in points], [p["retain_rouge"] for p in points], "o-", label=label)
-        for p in points:
-            ax.annotate(str(p["size"]), (p["forget_rouge"], p["retain_rouge"]), fontsize=7)
-    base = next(r for r in rows if r["selection"] == "none")
-    ax.scatter([base["forget_rouge"]], [base["retain_rouge"]], marker="*", s=120, color="k", label="no mask")
-    ax.set_xlabel("forget ROUGE-L recall (lower is better)")
-    ax.set_ylabel("retain ROUGE-L recall (higher is better)")
-    ax.set_title("Forget/utility frontier over S' (labels: codes disabled)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+from codeunlearn.data.records import read_jsonl_records
+from codeunlearn.eval.sweep import frontier
+from codeunlearn.io import write_json
+from codeunlearn.methods.codeunlearn.gate import gate_calibration
+from codeunlearn.methods.codeunlearn.select import SelectionSpec
+from codeunlearn.metrics.scoring import forget_retain_rouge
+from codeunlearn.metrics.sets import GenerationSpec, evenly_spaced
+from codeunlearn.report.plots import FRONTIER_PLOT, frontier_plot
+from tasks import tracking
+from tasks.common import load_role
+from tasks.context import RunContext
+from tasks.resume import resumable
 
 
 @task(name="sweep", cache_policy=NONE)
@@ -79,7 +53,7 @@ def sweep(ctx: RunContext) -> list[dict]:
     )
     out = ctx.stage_dir("sweep")
     write_json(out / "frontier.json", rows)
-    frontier_plot(rows, out / "frontier.png")
+    frontier_plot(rows, out / FRONTIER_PLOT)
     with tracking.stage_run(ctx, "sweep"):
         for row in rows:
             prefix = f"sweep.{row['selection']}.{row['control']}".replace("-", "none")

@@ -7,23 +7,13 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-_PREFECT_HOME = tempfile.mkdtemp(prefix="codeunlearn-prefect-")
-for _name, _value in {
-    "PREFECT_HOME": _PREFECT_HOME,
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "GX_ANALYTICS_ENABLED": "false",
-    "DVC_NO_ANALYTICS": "1",
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(_name, _value)
-
+# A private Prefect home; every other default (no telemetry, no hub) is the one ``tasks`` sets.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="codeunlearn-prefect-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import tasks  # noqa: E402, F401  (sets the environment defaults before Prefect reads its settings)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -62,7 +52,7 @@ def tiny_qa() -> dict[str, list]:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_qa):
-    from codeunlearn.tiny import train_tokenizer
+    from codeunlearn.models.tiny import train_tokenizer
 
     texts = [f"{r.question} {r.answer}" for split in tiny_qa.values() for r in split]
     return train_tokenizer(texts, vocab_size=300)
@@ -70,13 +60,29 @@ def tiny_tokenizer(tiny_qa):
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from codeunlearn.tiny import TinyModelSpec, build_tiny_llama
+    from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
 
     spec = TinyModelSpec(
         hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, max_positions=128, vocab_size=300, seed=0
     )
     torch.manual_seed(0)
     return build_tiny_llama(spec, tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A byte-level BPE tokenizer (``tests.bytelevel``) for the metric and generation tests."""
+    from tests.bytelevel import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random Llama over ``tokenizer`` (``tests.bytelevel``)."""
+    from tests.bytelevel import tiny_llama
+
+    return tiny_llama(tokenizer)
 
 
 def write_params(tmp: Path, overrides: dict | None = None) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from codeunlearn.methods.base import register_method
-from codeunlearn.methods.gradient import Batch, GradientUnlearning, UnlearnContext, answer_nll
+from codeunlearn.methods.trainer import Batch, GradientUnlearning, UnlearnContext, answer_nll
 
 
 def retain_term(ctx: UnlearnContext, retain: Batch | None, weight: float) -> dict[str, torch.Tensor]:

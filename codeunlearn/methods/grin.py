@@ -27,7 +27,8 @@ from torch import nn
 
 from codeunlearn.methods.base import register_method
 from codeunlearn.methods.graddiff import retain_term
-from codeunlearn.methods.gradient import (
+from codeunlearn.methods.npo import npo_forget_term, prepare_reference
+from codeunlearn.methods.trainer import (
     Batch,
     GradientUnlearning,
     UnlearnContext,
@@ -35,7 +36,6 @@ from codeunlearn.methods.gradient import (
     indexed_batches,
     requires_grad_only,
 )
-from codeunlearn.methods.npo import npo_forget_term, prepare_reference
 
 LOSSES = ("npo", "graddiff")
 

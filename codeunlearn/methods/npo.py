@@ -12,18 +12,53 @@ pass per step. They differ only by float rounding from padding to another batch 
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Sequence
 
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA
 from codeunlearn.methods.base import register_method
 from codeunlearn.methods.graddiff import retain_term
-from codeunlearn.methods.gradient import (
+from codeunlearn.methods.trainer import (
     Batch,
     GradientUnlearning,
     UnlearnContext,
-    npo_loss,
-    reference_sequence_nll,
-    sequence_nll,
+    eval_no_grad,
+    fixed_batches,
+    model_device,
 )
+
+
+def sequence_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed answer-token NLL per sequence, shape (batch,): −log π(y|x) as NPO uses it."""
+    t = batch.tensors
+    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits[:, :-1].float()
+    labels = t["labels"][:, 1:]
+    token_nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return token_nll.sum(dim=1)
+
+
+def reference_sequence_nll(model: nn.Module, encoded: Sequence[EncodedQA], batch_size: int, pad: int) -> torch.Tensor:
+    """Sequence NLL of every example under the model as it is now (before any update).
+
+    The NPO reference model is frozen and the forget set is fixed, so its log-likelihoods are
+    constants: computing them once replaces a frozen model copy and a forward pass per step.
+    """
+    device = model_device(model)
+    out = torch.empty(len(encoded), device=device)
+    with eval_no_grad(model):
+        for batch in fixed_batches(encoded, batch_size, pad, device):
+            out[batch.indices] = sequence_nll(model, batch)
+    return out
+
+
+def npo_loss(current_nll: torch.Tensor, reference_nll: torch.Tensor, beta: float) -> torch.Tensor:
+    """−(2/β)·mean log σ(−β·(log πθ − log πref)), with log π = −(summed answer NLL)."""
+    log_ratio = reference_nll - current_nll  # log πθ(y|x) − log πref(y|x)
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio).mean()
+
 
 REFERENCE_NLL = "reference_nll"
 

@@ -19,17 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from codeunlearn.lm.blocks import block_output, parameters_matching
+from codeunlearn.lm.prompting import IGNORE_INDEX
+from codeunlearn.lm.training import frozen_copy
 from codeunlearn.methods.base import register_method
-from codeunlearn.methods.gradient import (
-    Batch,
-    GradientUnlearning,
-    UnlearnContext,
-    block_output,
-    eval_no_grad,
-    frozen_copy,
-    parameters_matching,
-)
-from codeunlearn.prompting import IGNORE_INDEX
+from codeunlearn.methods.trainer import Batch, GradientUnlearning, UnlearnContext, eval_no_grad
 
 
 def masked_activation_mse(acts: torch.Tensor, target: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -71,11 +65,11 @@ class RMU(GradientUnlearning):
 
     def loss_terms(self, ctx: UnlearnContext, forget: Batch, retain: Batch | None) -> dict[str, torch.Tensor]:
         layer = ctx.params.int("layer")
-        acts = block_output(ctx.model, layer, forget)
+        acts = block_output(ctx.model, layer, forget.tensors)
         terms = {"forget_loss": masked_activation_mse(acts, self._control(ctx, acts.shape[-1]), forget)}
         if retain is not None:
-            current = block_output(ctx.model, layer, retain)
+            current = block_output(ctx.model, layer, retain.tensors)
             with eval_no_grad(ctx.state["reference"]) as reference:
-                frozen = block_output(reference, layer, retain)
+                frozen = block_output(reference, layer, retain.tensors)
             terms["retain_loss"] = ctx.params.float("alpha") * masked_activation_mse(current, frozen, retain)
         return terms

@@ -1,8 +1,9 @@
 """Evaluation metrics: one plain function per metric, named in METRICS.
 
-Keys are ``<family>.<metric>`` so that same-named metrics of different benchmarks cannot collide
-(MUSE's AUC orientation is the complement of the generic MIA AUC). Adding a metric is one function
-in its family's module plus one line here, as open-unlearning's metric registry does.
+Keys are ``<family>.<metric>`` so that same-named metrics of different benchmarks cannot collide.
+Adding a metric is one function in its family's module plus one line here, as open-unlearning's
+metric registry does. The evaluation (``metrics.scoring``) looks a row's metrics and its
+membership-inference attacks (``scoring.MIA_ATTACKS``) up here by name.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from codeunlearn.metrics import mia, muse, quantization, tofu
+from codeunlearn.metrics import mia, muse, recovery, tofu
 
 METRICS: dict[str, Callable[..., Any]] = {
     # TOFU
@@ -27,19 +28,18 @@ METRICS: dict[str, Callable[..., Any]] = {
     "muse.rouge_l_f1": muse.rouge_l_f1,
     "muse.verbmem_rouge": muse.verbmem_rouge,
     "muse.knowmem_rouge": muse.knowmem_rouge,
-    "muse.min_k_prob_score": muse.min_k_prob_score,
-    "muse.mia_auc": muse.mia_auc,
+    "muse.muse_auc": muse.muse_auc,
     "muse.privleak_auc": muse.privleak_auc,
     "muse.privleak": muse.privleak,
     "muse.scalability_table": muse.scalability_table,
     "muse.sustainability_table": muse.sustainability_table,
     # Membership inference
-    "mia.loss_attack": mia.loss_attack,
     "mia.min_k_attack": mia.min_k_attack,
+    "mia.min_k_prob_score": mia.min_k_prob_score,
+    "mia.loss_score": mia.loss_score,
     "mia.mia_auc": mia.mia_auc,
-    "mia.forget_holdout_auc": mia.forget_holdout_auc,
-    # Quantization attack
-    "quantization.recovery": quantization.recovery,
+    # Attacks
+    "attacks.recovery": recovery.recovery,
 }
 
 
@@ -49,4 +49,4 @@ def get_metric(name: str) -> Callable[..., Any]:
     return METRICS[name]
 
 
-__all__ = ["METRICS", "get_metric", "mia", "muse", "quantization", "tofu"]
+__all__ = ["METRICS", "get_metric", "mia", "muse", "recovery", "tofu"]

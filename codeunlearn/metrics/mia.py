@@ -7,9 +7,9 @@ means members are perfectly identified and 0.5 means chance. On an unlearned mod
 holdout AUC near the retain model's value (about 0.5) is the goal; near 1.0 the forget set still
 looks like training data.
 
-``forget_holdout_auc(forget, holdout)`` equals open-unlearning's ``mia_*`` AUC, which labels forget 0
-and holdout 1 on the raw scores: AUC(y=holdout, s) = AUC(y=forget, -s). MUSE's own orientation is
-the complement (see ``metrics.muse.mia_auc``).
+``mia_auc(forget, holdout)`` equals open-unlearning's ``mia_*`` AUC, which labels forget 0 and
+holdout 1 on the raw scores: AUC(y=holdout, s) = AUC(y=forget, -s). It is the project's one AUC:
+MUSE publishes the complement, and ``metrics.muse.muse_auc`` derives it from this one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from codeunlearn.generation import text_token_logprobs
+from codeunlearn.lm.generation import text_token_logprobs
 
 # Min-K% Prob's K as MUSE (privleak key "Min-40%") and open-unlearning's min_k config set it.
 MIN_K_RATIO = 0.4
@@ -47,20 +47,6 @@ def min_k_prob_score(logprobs: torch.Tensor | Sequence[float], k: float = MIN_K_
     return float(-values[:count].mean())
 
 
-def loss_attack(
-    model: nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    batch_size: int,
-    max_length: int,
-    add_bos: bool = True,
-    progress: bool = False,
-) -> list[float]:
-    """Per-text LOSS scores (mean token NLL after BOS)."""
-    logprobs = text_token_logprobs(model, tokenizer, texts, batch_size, max_length, add_bos, progress)
-    return [loss_score(item) for item in logprobs]
-
-
 def min_k_attack(
     model: nn.Module,
     tokenizer,
@@ -83,11 +69,6 @@ def mia_auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -
     labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
     # Negated so that "higher = more likely a member", which is what roc_auc_score ranks.
     return float(roc_auc_score(labels, -np.concatenate([members, nonmembers])))
-
-
-def forget_holdout_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
-    """Attack AUC with the forget set as members and the never-trained holdout set as non-members."""
-    return mia_auc(forget_scores, holdout_scores)
 
 
 def _logprob_array(logprobs: torch.Tensor | Sequence[float]) -> np.ndarray:

@@ -24,11 +24,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from rouge_score import rouge_scorer
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from codeunlearn.generation import encode_raw, generate_continuations
-from codeunlearn.metrics.mia import MIN_K_RATIO, min_k_attack, min_k_prob_score
+from codeunlearn.lm.generation import encode_raw, generate_continuations
+from codeunlearn.metrics.mia import MIN_K_RATIO, mia_auc, min_k_attack, min_k_prob_score
 
 __all__ = [
     "KNOWMEM_MAX_NEW_TOKENS",
@@ -37,7 +36,7 @@ __all__ = [
     "VERBMEM_MAX_NEW_TOKENS",
     "knowmem_prompt",
     "knowmem_rouge",
-    "mia_auc",
+    "muse_auc",
     "min_k_prob_score",
     "privleak",
     "privleak_auc",
@@ -93,16 +92,8 @@ def verbmem_rouge(
     """
     if len(prompts) != len(ground_truths):
         raise ValueError(f"length mismatch: {len(prompts)} prompts, {len(ground_truths)} ground truths")
-    outputs = generate_continuations(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        add_bos=add_bos,
-        progress=progress,
-        max_prompt_tokens=max_prompt_tokens,
-    )
+    options = {"add_bos": add_bos, "progress": progress, "max_prompt_tokens": max_prompt_tokens}
+    outputs = generate_continuations(model, tokenizer, prompts, max_new_tokens, batch_size, **options)
     references = [truncate_to_tokens(tokenizer, gt, max_new_tokens, add_bos) for gt in ground_truths]
     return float(np.mean(rouge_l_f1(outputs, references)))
 
@@ -135,37 +126,25 @@ def knowmem_rouge(
     if len(questions) != len(answers):
         raise ValueError(f"length mismatch: {len(questions)} questions, {len(answers)} answers")
     prompts = [knowmem_prompt(question, icl_questions, icl_answers) for question in questions]
+    options = {"add_bos": add_bos, "stop_strings": stop_strings, "progress": progress}
     outputs = generate_continuations(
-        model,
-        tokenizer,
-        prompts,
-        max_new_tokens,
-        batch_size,
-        add_bos=add_bos,
-        stop_strings=stop_strings,
-        progress=progress,
-        max_prompt_tokens=max_prompt_tokens,
+        model, tokenizer, prompts, max_new_tokens, batch_size, **options, max_prompt_tokens=max_prompt_tokens
     )
     return float(np.mean(rouge_l_f1(outputs, list(answers))))
 
 
-def mia_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
-    """MUSE's privleak AUC: labels forget = 0 (non-member), holdout = 1 (member), ranked by -score.
+def muse_auc(forget_scores: Sequence[float], holdout_scores: Sequence[float]) -> float:
+    """MUSE's privleak AUC: 1 - ``mia.mia_auc(forget, holdout)``, the attack AUC with the forget texts as members.
 
-    With Min-K% scores this is the probability that a holdout text is *likelier* under the model
-    than a forget text: about 0.5 for a model that never saw either, near 0 for one that memorised
-    the forget set. It equals 1 - ``metrics.mia.forget_holdout_auc`` on the same scores.
+    MUSE labels forget = 0 and holdout = 1 and ranks by -score, the complement of the attack view. With
+    Min-K% scores it is the probability that a holdout text is *likelier* under the model than a forget
+    text: about 0.5 for a model that never saw either, near 0 for one that memorised the forget set.
     """
-    forget = np.asarray(forget_scores, dtype=np.float64)
-    holdout = np.asarray(holdout_scores, dtype=np.float64)
-    if forget.size == 0 or holdout.size == 0:
-        raise ValueError("both forget and holdout scores are needed for an AUC")
-    labels = np.concatenate([np.zeros(forget.size), np.ones(holdout.size)])
-    return float(roc_auc_score(labels, -np.concatenate([forget, holdout])))
+    return 1.0 - mia_auc(forget_scores, holdout_scores)
 
 
 def privleak(auc_unlearned: float, auc_oracle: float) -> float:
-    """PrivLeak = (AUC_unlearned - AUC_oracle) / AUC_oracle * 100, with ``mia_auc``'s orientation.
+    """PrivLeak = (AUC_unlearned - AUC_oracle) / AUC_oracle * 100, with ``muse_auc``'s orientation.
 
     About 0 is ideal; strongly negative means under-unlearning, strongly positive over-unlearning.
     ``auc_oracle`` is the retrained (retain-only) model's AUC on the same texts, measured by the caller.
@@ -190,7 +169,7 @@ def privleak_auc(
     """MUSE's forget-vs-holdout Min-K% AUC of one model (feed two of these to ``privleak``)."""
     forget = min_k_attack(model, tokenizer, forget_texts, batch_size, max_length, k=k, progress=progress)
     holdout = min_k_attack(model, tokenizer, holdout_texts, batch_size, max_length, k=k, progress=progress)
-    return mia_auc(forget, holdout)
+    return muse_auc(forget, holdout)
 
 
 def scalability_table(

@@ -31,7 +31,7 @@ from rouge_score import rouge_scorer
 from scipy import stats
 from torch import nn
 
-from codeunlearn.generation import answer_token_nll, generate_answers
+from codeunlearn.lm.generation import answer_token_logprobs, generate_answers, mean_nll
 
 SplitKind = Literal["forget", "retain", "real_authors", "world_facts"]
 SPLIT_KINDS: tuple[str, ...] = ("forget", "retain", "real_authors", "world_facts")
@@ -174,7 +174,10 @@ def evaluate_tofu_split(
         pairs += [(record.question, record.paraphrased_answer) for record in records]
     perturbed_counts = [len(record.perturbed_answers) for record in records]
     pairs += [(record.question, answer) for record in records for answer in record.perturbed_answers]
-    nlls = answer_token_nll(model, tokenizer, pairs, score_batch_size, max_length, progress)
+    nlls = [
+        mean_nll(item)
+        for item in answer_token_logprobs(model, tokenizer, pairs, score_batch_size, max_length, progress)
+    ]
 
     n = len(records)
     gold_nlls = nlls[:n]

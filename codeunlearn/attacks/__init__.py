@@ -1,0 +1,1 @@
+"""Attacks on a deployed unlearned model: does the forgotten knowledge come back (re-quantization, relearning)?"""

@@ -1,0 +1,1 @@
+"""Audit records of unlearning requests: built once, judged against thresholds, re-verified later."""

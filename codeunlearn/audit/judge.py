@@ -1,0 +1,113 @@
+"""Pass or fail: a request's evidence judged against the thresholds in params.yaml (``audit:``).
+
+Pure arithmetic: no MLflow, no Prefect, no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail bounds (``audit:`` in params.yaml); ``None`` turns a check off."""
+
+    max_forget_rouge: float | None = 0.5  # forget ROUGE-L recall of the deployed model
+    min_retain_ratio: float | None = 0.8  # retain ROUGE after / before the request
+    max_quant_recovery: float | None = 0.2  # forget ROUGE gained by 4-bit re-quantization
+    max_relearn_recovery: float | None = 0.3  # held-out forget ROUGE gained by the relearning attack
+    min_utility_ratio: float | None = 0.9  # TOFU model utility (retain, real authors, world facts) after / before
+
+    @classmethod
+    def from_settings(cls, block: Mapping[str, Any] | None) -> Thresholds:
+        block = block or {}
+        return cls(**{name: block.get(name, default) for name, default in asdict(cls()).items()})
+
+
+# check name -> (threshold field, comparison); "le": value <= threshold, "ge": value >= threshold
+CHECKS: dict[str, tuple[str, str]] = {
+    "forget_rouge": ("max_forget_rouge", "le"),
+    "retain_ratio": ("min_retain_ratio", "ge"),
+    "utility_ratio": ("min_utility_ratio", "ge"),
+    "quant_recovery": ("max_quant_recovery", "le"),
+    "relearn_recovery": ("max_relearn_recovery", "le"),
+}
+
+
+def _number(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
+    """The numbers the thresholds apply to, from a metrics block laid out as::
+
+        {"before": {"forget_rouge", "retain_rouge", "model_utility"}, "after": {...},
+         "quantization": {"rtn_w4_g64": {"recovery", ...}, ...}, "relearn": {"recovery", ...}}
+
+    ``retain_ratio`` is retain after / before (1.0 when before is 0), ``utility_ratio`` the same for
+    model utility; ``quant_recovery`` is the worst
+    (largest) recovery over the quantized rows. A block that is absent gives ``None``.
+    """
+    after = metrics.get("after") or {}
+    before = metrics.get("before") or {}
+
+    def ratio(key: str) -> float | None:
+        now, then = _number(after.get(key)), _number(before.get(key))
+        if now is None or then is None:
+            return None
+        return now / then if then > 0 else 1.0
+
+    recoveries = [
+        _number(row.get("recovery"))
+        for row in (metrics.get("quantization") or {}).values()
+        if isinstance(row, Mapping) and not row.get("skipped")
+    ]
+    recoveries = [r for r in recoveries if r is not None]
+    relearn = metrics.get("relearn") or {}
+    return {
+        "forget_rouge": _number(after.get("forget_rouge")),
+        "retain_ratio": ratio("retain_rouge"),
+        "utility_ratio": ratio("model_utility"),
+        "quant_recovery": max(recoveries) if recoveries else None,
+        "relearn_recovery": _number(relearn.get("recovery")) if isinstance(relearn, Mapping) else None,
+    }
+
+
+def judge(
+    values: Mapping[str, float | None],
+    thresholds: Thresholds,
+    skipped: Mapping[str, str] | None = None,
+    extra_checks: Iterable[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """Each value against its threshold. A value that was not measured fails, unless ``skipped`` names
+    it with the reason it was deliberately not run (e.g. the relearning attack turned off).
+
+    ``extra_checks`` (``{"check", "passed", "reason"}``, e.g. integrity checks) join the verdict as is.
+    """
+    skipped = dict(skipped or {})
+    checks: list[dict[str, Any]] = []
+    for name, (field_name, op) in CHECKS.items():
+        threshold = getattr(thresholds, field_name)
+        value = _number(values.get(name))
+        check: dict[str, Any] = {"check": name, "value": value, "threshold": threshold, "op": op}
+        if threshold is None:
+            check.update(status="off", passed=None)
+        elif value is None and name in skipped:
+            check.update(status="skipped", passed=None, reason=skipped[name])
+        elif value is None:
+            check.update(status="fail", passed=False, reason="not measured")
+        else:
+            ok = value <= threshold if op == "le" else value >= threshold
+            check.update(status="pass" if ok else "fail", passed=ok)
+        checks.append(check)
+    for extra in extra_checks:
+        passed = bool(extra["passed"])
+        checks.append({**extra, "passed": passed, "status": "pass" if passed else "fail"})
+    failed = [c["check"] for c in checks if c["passed"] is False]
+    return {"passed": not failed, "failed": failed, "checks": checks}

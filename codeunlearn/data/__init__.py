@@ -1,0 +1,1 @@
+"""Data: QA records, TOFU files, author splits and forget-set validation."""

@@ -1,0 +1,335 @@
+"""Evaluate one model on the run's evaluation sets: the numbers every report and leaderboard row uses.
+
+``score_model`` runs the model once over every set (one greedy generation pass over all questions,
+one teacher-forced pass over every gold / paraphrased / perturbed answer and the holdout answers)
+and keeps per-item numbers only; ``summarize`` turns those into the run's metrics, comparing with
+the oracle's (retain-only model's) per-item numbers where the metric needs a reference:
+
+* TOFU (shared/reference/eval-anchors.md section 2): per split ROUGE-L recall, Prob and the
+  truth-ratio statistic; Forget Quality = KS p-value of the model's forget-split truth ratios
+  against the oracle's; Model Utility = harmonic mean of the nine retain / real-authors /
+  world-facts numbers. ``retain_utility`` (the same over the three retain numbers) is added because
+  a model trained from scratch (the smoke profile) knows no real authors or world facts, which
+  pins its Model Utility near zero whatever unlearning does.
+* Membership inference on answer tokens (open-unlearning's TOFU MIA: the QA in the model's prompt
+  format, scored on the answer tokens), forget QAs as members, holdout QAs (authors never trained
+  on) as non-members: ``mia_min_k_auc`` (Min-K% Prob) and ``mia_loss_auc`` (LOSS), 1.0 = the forget
+  set still looks like training data, 0.5 = indistinguishable from unseen authors. ``privleak`` is
+  MUSE's relative AUC, (AUC - AUC_oracle) / AUC_oracle x 100 in MUSE's orientation
+  (``metrics.muse.muse_auc``), with AUC_oracle measured on *this run's* oracle, never a constant:
+  0 = leaks like the oracle, strongly negative = under-unlearned, strongly positive = over-unlearned.
+
+Nothing here returns or logs generated text: a model's answers may quote the forget set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from codeunlearn.lm.generation import answer_token_logprobs, generate_answers, mean_nll
+from codeunlearn.lm.prompting import encode_qa, pad_batch
+from codeunlearn.lm.training import to_device
+from codeunlearn.metrics import get_metric
+from codeunlearn.metrics.sets import PARAPHRASE_SPLITS, EvalSets, EvalSpec, GenerationSpec, has_truth_ratio_data
+from codeunlearn.metrics.tofu import (
+    UTILITY_SPLITS,
+    answer_probability,
+    forget_truth_ratio_stat,
+    model_utility_inputs,
+    normalized_probability,
+    retain_truth_ratio_stat,
+    rouge_l_recall,
+    truth_ratio,
+)
+
+log = logging.getLogger(__name__)
+
+# Membership-inference attacks, each a METRICS name scoring one item from its answer-token log-probs
+# (with the ``EvalSpec`` field it takes, if any). A row reports each attack's AUC (``mia_<attack>_auc``)
+# and, against the oracle, its PrivLeak (``PRIVLEAK_KEYS``). Adding an attack is a registry entry and a line here.
+MIA_ATTACKS: dict[str, tuple[str, str | None]] = {
+    "min_k": ("mia.min_k_prob_score", "min_k"),
+    "loss": ("mia.loss_score", None),
+}
+PRIVLEAK_KEYS = {"min_k": "privleak", "loss": "privleak_loss"}
+
+
+@dataclass
+class ModelScores:
+    """Per-item numbers of one model (no text): TOFU results per split and MIA scores."""
+
+    splits: dict[str, dict[str, Any]]
+    mia: dict[str, list[float]] = field(default_factory=dict)
+
+
+def split_rouge(
+    model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: GenerationSpec, progress: bool = False
+) -> float:
+    """Mean ROUGE-L recall of greedy answers against the gold answers (TOFU's ROUGE)."""
+    return split_rouges(model, tokenizer, [records], spec, progress)[0]
+
+
+def split_rouges(
+    model: nn.Module,
+    tokenizer: Any,
+    record_sets: Sequence[Sequence[Any]],
+    spec: GenerationSpec,
+    progress: bool = False,
+) -> list[float]:
+    """``split_rouge`` of each set, from one generation pass over all their questions.
+
+    A decoding step's cost grows slowly with its rows (SmolLM2-135M on two cores: 40 answers in one
+    batch took 34 s, in four batches of 10 72 s), so sets scored under the same model state share batches.
+    """
+    by_item = split_rouge_by_item(model, tokenizer, [r for records in record_sets for r in records], spec, progress)
+    means, start = [], 0
+    for records in record_sets:
+        means.append(float(np.mean(by_item[start : start + len(records)])))
+        start += len(records)
+    return means
+
+
+def split_rouge_by_item(
+    model: nn.Module, tokenizer: Any, records: Sequence[Any], spec: GenerationSpec, progress: bool = False
+) -> list[float]:
+    answers = generate_answers(
+        model, tokenizer, [r.question for r in records], spec.max_new_tokens, spec.batch_size, progress=progress
+    )
+    return rouge_l_recall(answers, [r.answer for r in records])
+
+
+def forget_retain_rouge(
+    model: nn.Module,
+    tokenizer: Any,
+    forget: Sequence[Any],
+    retain: Sequence[Any],
+    spec: GenerationSpec,
+    progress: bool = False,
+) -> dict[str, float]:
+    forget_rouge, retain_rouge = split_rouges(model, tokenizer, [forget, retain], spec, progress)
+    return {"forget_rouge": forget_rouge, "retain_rouge": retain_rouge}
+
+
+def _check_records(kind: str, records: Sequence[Any]) -> None:
+    for index, record in enumerate(records):
+        if not has_truth_ratio_data(record, kind):
+            what = "paraphrased_answer or perturbed_answers" if kind in PARAPHRASE_SPLITS else "perturbed_answers"
+            raise ValueError(
+                f"{kind} record {index} (id {getattr(record, 'id', '?')}): {what} missing; the truth ratio "
+                "needs them (TOFU perturbs authors 0-19 and 180-199 only)"
+            )
+
+
+class _Requests:
+    """Scoring requests gathered from every set, so one teacher-forced pass serves every metric."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+
+    def add(self, pairs: Sequence[tuple[str, str]]) -> range:
+        start = len(self.pairs)
+        self.pairs.extend(pairs)
+        return range(start, len(self.pairs))
+
+
+def score_model(
+    model: nn.Module, tokenizer: Any, sets: EvalSets, spec: EvalSpec, progress: bool = False
+) -> ModelScores:
+    """Per-item TOFU numbers for every non-empty split of ``sets`` and MIA scores when a holdout is given."""
+    splits = sets.tofu_splits()
+    if "forget" not in splits:
+        raise ValueError("no forget records to evaluate")
+    questions = [record.question for records in splits.values() for record in records]
+    generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
+    return _score_splits(model, tokenizer, splits, sets.holdout, generated, spec, progress)
+
+
+def request_scores(
+    model: nn.Module,
+    tokenizer: Any,
+    forget: Sequence[Any],
+    utility: EvalSets,
+    spec: EvalSpec,
+    progress: bool = False,
+) -> dict[str, float]:
+    """A request's numbers: forget ROUGE on its own QAs (which carry no perturbed answers) beside the
+    model utility of ``utility``'s retain / real-authors / world-facts sets and each set's ROUGE, Prob
+    and truth ratio. One decoding pass serves all of them."""
+    splits = {kind: records for kind, records in utility.tofu_splits().items() if kind != "forget"}
+    questions = [r.question for r in forget] + [r.question for records in splits.values() for r in records]
+    generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
+    row: dict[str, float] = {}
+    if forget:
+        row["forget_rouge"] = float(np.mean(rouge_l_recall(generated[: len(forget)], [r.answer for r in forget])))
+    if splits:
+        row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(forget) :], spec, progress)))
+    return row
+
+
+def _score_splits(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: dict[str, Sequence[Any]],
+    holdout_records: Sequence[Any],
+    generated: Sequence[str],
+    spec: EvalSpec,
+    progress: bool,
+) -> ModelScores:
+    """TOFU's per-item numbers of ``splits`` from their greedy answers (``generated``, in split order)."""
+    for kind, records in splits.items():
+        _check_records(kind, records)
+
+    requests = _Requests()
+    layout: dict[str, dict[str, Any]] = {}
+    for kind, records in splits.items():
+        gold = requests.add([(r.question, r.answer) for r in records])
+        base = (
+            requests.add([(r.question, r.paraphrased_answer) for r in records]) if kind in PARAPHRASE_SPLITS else gold
+        )
+        perturbed = [requests.add([(r.question, a) for a in r.perturbed_answers]) for r in records]
+        layout[kind] = {"gold": gold, "base": base, "perturbed": perturbed}
+    holdout = requests.add([(r.question, r.answer) for r in holdout_records]) if len(holdout_records) else None
+    logprobs = answer_token_logprobs(
+        model, tokenizer, requests.pairs, spec.score_batch_size, spec.max_length, progress, "evaluate.max_length"
+    )
+    nlls = [mean_nll(item) for item in logprobs]
+
+    results: dict[str, dict[str, Any]] = {}
+    offset = 0
+    for kind, records in splits.items():
+        answers = generated[offset : offset + len(records)]
+        offset += len(records)
+        where = layout[kind]
+        gold_nlls = [nlls[i] for i in where["gold"]]
+        base_nlls = [nlls[i] for i in where["base"]]
+        perturbed_nlls = [[nlls[i] for i in rng] for rng in where["perturbed"]]
+        rouge = rouge_l_recall(answers, [r.answer for r in records])
+        if kind in PARAPHRASE_SPLITS:
+            prob = answer_probability(gold_nlls)
+        else:
+            prob = normalized_probability(gold_nlls, perturbed_nlls)
+        ratios = truth_ratio(base_nlls, perturbed_nlls)
+        stat = forget_truth_ratio_stat(ratios) if kind == "forget" else retain_truth_ratio_stat(ratios)
+        results[kind] = {
+            "rouge": float(np.mean(rouge)),
+            "prob": float(np.mean(prob)),
+            "truth_ratio": stat,
+            "rouge_by_item": rouge,
+            "prob_by_item": prob,
+            "truth_ratios": ratios,
+            "n": len(records),
+        }
+
+    scores: dict[str, list[float]] = {}
+    if holdout is not None:
+        members = {"forget": [logprobs[i] for i in layout["forget"]["gold"]], "holdout": [logprobs[i] for i in holdout]}
+        for attack, (metric, option) in MIA_ATTACKS.items():
+            score, args = get_metric(metric), ((getattr(spec, option),) if option else ())
+            for kind, items in members.items():
+                scores[f"{kind}_{attack}"] = [score(lp, *args) for lp in items]
+    return ModelScores(splits=results, mia=scores)
+
+
+def _privleak(scores: ModelScores, oracle: ModelScores, attack: str) -> float | None:
+    muse_auc = get_metric("muse.muse_auc")
+    auc = muse_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
+    reference = muse_auc(oracle.mia[f"forget_{attack}"], oracle.mia[f"holdout_{attack}"])
+    if reference <= 0:
+        return None  # the oracle ranks every holdout item above every forget item: undefined ratio
+    return get_metric("muse.privleak")(auc, reference)
+
+
+def summarize(scores: ModelScores, oracle: ModelScores | None = None) -> dict[str, float]:
+    """The run's metrics of one model; keys present only where their inputs were measured.
+
+    ``oracle`` is the retain-only model's ``ModelScores`` on the same items (``scores`` itself for
+    the oracle row: forget quality 1.0, privleak 0).
+    """
+    out: dict[str, float] = {}
+    for kind, result in scores.splits.items():
+        out[f"{kind}_rouge"] = float(result["rouge"])
+        out[f"{kind}_prob"] = float(result["prob"])
+        out[f"{kind}_truth_ratio"] = float(result["truth_ratio"])
+    if oracle is not None and "forget" in oracle.splits:
+        mine, reference = scores.splits["forget"], oracle.splits["forget"]
+        if mine["n"] != reference["n"]:
+            raise ValueError(f"forget quality needs the same items: {mine['n']} vs the oracle's {reference['n']}")
+        out["forget_quality"] = get_metric("tofu.forget_quality")(mine["truth_ratios"], reference["truth_ratios"])
+    model_utility = get_metric("tofu.model_utility")
+    if all(kind in scores.splits for kind in UTILITY_SPLITS):
+        out["model_utility"] = model_utility(model_utility_inputs(scores.splits))
+    if "retain" in scores.splits:
+        retain = scores.splits["retain"]
+        out["retain_utility"] = model_utility([retain["prob"], retain["rouge"], retain["truth_ratio"]])
+    if scores.mia:
+        mia_auc = get_metric("mia.mia_auc")
+        for attack in MIA_ATTACKS:
+            out[f"mia_{attack}_auc"] = mia_auc(scores.mia[f"forget_{attack}"], scores.mia[f"holdout_{attack}"])
+        if oracle is not None and oracle.mia:
+            for attack, key in PRIVLEAK_KEYS.items():
+                value = _privleak(scores, oracle, attack)
+                if value is not None:
+                    out[key] = value
+    return out
+
+
+def evaluate_model(
+    model: nn.Module,
+    tokenizer: Any,
+    sets: EvalSets,
+    spec: EvalSpec,
+    oracle: ModelScores | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], ModelScores]:
+    """``summarize(score_model(...), oracle)``; with ``oracle=None`` the model is its own reference."""
+    scores = score_model(model, tokenizer, sets, spec, progress)
+    return summarize(scores, oracle if oracle is not None else scores), scores
+
+
+@torch.inference_mode()
+def same_logits(
+    first: nn.Module, second: nn.Module, tokenizer: Any, records: Sequence[Any], batch_size: int, max_length: int
+) -> bool:
+    """Whether two models give bit-identical logits on every QA of ``records`` (prompt and answer): the
+    proof that lets an evaluation reuse one model's row for the other instead of scoring it twice."""
+    encoded = [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
+    for start in range(0, len(encoded), batch_size):
+        batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = [
+            model(**to_device(inputs, next(model.parameters()).device), use_cache=False).logits.cpu()
+            for model in (first, second)
+        ]
+        if not torch.equal(*logits):
+            return False
+    return True
+
+
+def per_item(scores: ModelScores) -> dict[str, Any]:
+    """The per-item numbers of ``scores`` (JSON-ready, no text): truth ratios, ROUGE, Prob, MIA scores."""
+    return {
+        "splits": {
+            kind: {key: result[key] for key in ("rouge_by_item", "prob_by_item", "truth_ratios", "n")}
+            for kind, result in scores.splits.items()
+        },
+        "mia": dict(scores.mia),
+    }
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested metrics -> flat ``a.b.c`` keys with numeric leaves only (MLflow keys, flow return value)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_metrics(value, f"{name}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat

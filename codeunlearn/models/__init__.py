@@ -1,0 +1,1 @@
+"""Causal language models: their sources (tiny, local, Hub, the offline wheel), loading and device."""

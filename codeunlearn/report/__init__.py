@@ -1,0 +1,1 @@
+"""Human-readable reports: the run report, the studies report, the leaderboard, and the one table renderer."""

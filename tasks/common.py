@@ -1,0 +1,173 @@
+"""What several task modules share: the pipeline's models by role, running and deploying a method, the
+evaluation suite, forget-set validation. Imports no stage module (only context, tracking and the library).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from codeunlearn.attacks.quantize import quantization_specs
+from codeunlearn.audit.attacks import AuditSettings, attack_metrics
+from codeunlearn.audit.record import split_version
+from codeunlearn.checkpoints import load_checkpoint
+from codeunlearn.data.records import QARecord
+from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
+from codeunlearn.data.validation_report import require_valid
+from codeunlearn.eval.suite import Suite, muse_run, relearn_spec
+from codeunlearn.io import atomic_write_text, read_json, write_json
+from codeunlearn.methods import UnlearnResult, get_method
+from codeunlearn.metrics.sets import evenly_spaced
+from codeunlearn.models.device import resolve_device
+from codeunlearn.models.load import Checkpoint
+from codeunlearn.profiling import ResourceMeter
+from tasks import tracking
+from tasks.context import RunContext
+
+# --------------------------------------------------------------------------------- models by role
+
+
+def model_dir(ctx: RunContext, role: str) -> Path:
+    return ctx.stage_dir("models") / role
+
+
+def base_pointer(ctx: RunContext) -> Path:
+    return ctx.stage_dir("models") / "base.json"
+
+
+def load_role(ctx: RunContext, role: str) -> Checkpoint:
+    """Load a stage's checkpoint; the base model may live in the shared cache (see ``base_model``)."""
+    directory = model_dir(ctx, role)
+    if role == "base":
+        directory = Path(read_json(base_pointer(ctx))["checkpoint"])
+    return load_checkpoint(directory, resolve_device(ctx.settings["device"]))
+
+
+# ------------------------------------------------------------------------------------ methods
+
+
+@dataclass
+class MethodRun:
+    """One method's unlearning step: its result, the model it started from, and what it cost."""
+
+    result: UnlearnResult
+    checkpoint: Checkpoint
+    wall_s: float
+    peak_mem_mb: float
+    deployed: dict[str, Any]  # what ``save`` reported about a request's deployed state
+
+
+def run_method(
+    ctx: RunContext,
+    method: str,
+    forget: Sequence[Any],
+    retain: Sequence[Any],
+    out: Path,
+    provenance: dict[str, Any],
+    deployed: Path | None = None,
+) -> MethodRun:
+    """Unlearn ``forget`` with ``method`` from its base model and save the result under ``out``: the
+    pipeline's select_codes, every request and every comparison row. A request passes its ``deployed``
+    state, which a cumulative method starts from and adds to. Wall time and peak memory cover the
+    unlearning step only."""
+    unlearning = get_method(method)
+    checkpoint = load_role(ctx, unlearning.base_role)
+    if deployed is not None:
+        unlearning.resume(checkpoint, deployed)
+    params = ctx.method_params(method, provenance)
+    with ResourceMeter() as meter:
+        result = unlearning.unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
+    saved = unlearning.save(result, checkpoint.tokenizer, out, deployed)
+    return MethodRun(result, checkpoint, meter.wall_s, meter.peak_mem_mb, saved)
+
+
+def deploy(ctx: RunContext, method: str, saved: Path) -> Checkpoint:
+    """The model ``method`` serves from a saved result or deployed state."""
+    unlearning = get_method(method)
+    device = resolve_device(ctx.settings["device"])
+    return unlearning.deploy(lambda: load_role(ctx, unlearning.base_role), saved, device)
+
+
+def requests_dir(ctx: RunContext) -> Path:
+    return ctx.stage_dir("requests")
+
+
+def registered_name(ctx: RunContext, method: str) -> str:
+    """The registry name of a method's unlearned model (``register_request``)."""
+    return f"codeunlearn-{ctx.profile}-unlearned-{method}"
+
+
+def tag_version(version: str | None, tags: dict[str, str]) -> None:
+    """Tag a registered model version (``name/number``); nothing when the model was not registered."""
+    parts = split_version(version)
+    if parts is None:
+        return
+    name, number = parts
+    client = MlflowClient()
+    for key, value in tags.items():
+        tracking.with_retries(
+            lambda key=key, value=value: client.set_model_version_tag(name, number, key, value),
+            "tag a model version",
+        )
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def build_suite(ctx: RunContext, with_muse: bool = False) -> Suite:
+    """The evaluation suite of ``evaluate``'s params; MUSE-News only where asked (the pipeline's evaluate)."""
+    cfg = ctx.settings["evaluate"]
+    quant_cfg = cfg["quantization"]
+    return Suite(
+        sets=ctx.eval_sets(),
+        spec=ctx.eval_spec(),
+        quantization=quantization_specs(quant_cfg) if quant_cfg["enabled"] else [],
+        relearn=relearn_spec(cfg, ctx.settings["seed"]) if cfg["relearn"]["enabled"] else None,
+        progress=ctx.progress,
+        muse=muse_run(cfg, ctx.resolve(ctx.settings["paths"]["muse_dir"])) if with_muse else None,
+    )
+
+
+def retain_eval(ctx: RunContext) -> list:
+    """The retain QAs a request's audit scores (the scored authors, evenly spaced as ``evaluate`` sizes them)."""
+    return evenly_spaced(ctx.retain_split()[1], ctx.settings["evaluate"]["retain_eval_size"])
+
+
+def audit_attacks(
+    ctx: RunContext, checkpoint: Checkpoint, forget: Sequence[Any], retain: Sequence[Any], full: dict[str, float]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``codeunlearn.audit.attacks.attack_metrics`` on the deployed model, as ``audit:`` and ``evaluate:`` say."""
+    return attack_metrics(
+        checkpoint.model,
+        checkpoint.tokenizer,
+        forget,
+        retain,
+        full,
+        AuditSettings.from_settings(ctx.settings.get("audit")),
+        relearn_spec(ctx.settings["evaluate"], ctx.settings["seed"]),
+        ctx.eval_spec().generation,
+        ctx.progress,
+    )
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def check_forget_retain(
+    ctx: RunContext, forget: list[QARecord], retain: list[QARecord], source: str, out_dir: Path
+) -> dict:
+    """Validate, log the outcome (ids and expectation names only), write the report only when it passes."""
+    report = validate_forget_retain(forget, retain, ValidationBounds(**ctx.settings["validation"]), source=source)
+    with tracking.stage_run(ctx, "validate_forget_set"):
+        tracking.log_metrics({f"validation.{k}": v for k, v in report.statistics.items()})
+        tracking.log_metrics({"validation.success": float(report.success)})
+        tracking.log_json(report.to_dict(), "validation/report.json")
+        tracking.log_text(report.to_html(), "validation/report.html")
+        require_valid(report, source)
+    write_json(out_dir / "report.json", report.to_dict())
+    atomic_write_text(out_dir / "report.html", report.to_html())
+    return report.to_dict()

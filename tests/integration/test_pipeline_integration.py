@@ -1,0 +1,209 @@
+"""The whole smoke flow end to end on real TOFU data: every stage, MLflow runs, the mask, selectivity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.stages import PIPELINE
+from tests.conftest import SHARED_DATA, write_params
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (SHARED_DATA / "tofu").exists(), reason="needs ../shared/data/tofu"),
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    import os
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    from flows.pipeline import pipeline
+    from flows.studies import studies
+
+    tmp = tmp_path_factory.mktemp("smoke")
+    params_file = write_params(tmp)
+    results = pipeline(profile="smoke", params_file=str(params_file))
+    results["studies"] = studies(profile="smoke", params_file=str(params_file))
+    return tmp, results
+
+
+def test_every_stage_ran_and_wrote_its_outputs(smoke_run):
+    tmp, results = smoke_run
+    out = tmp / "outputs" / "smoke"
+    for path in (
+        "splits/forget.jsonl",
+        "splits/summary.json",
+        "validation/report.html",
+        "models/target/config.json",
+        "models/oracle/config.json",
+        "models/codebook/codebook.safetensors",
+        "mask/mask.safetensors",
+        "mask/mask.json",
+        "eval/metrics.json",
+        "eval/rouge.png",
+        "report/report.md",
+        "sequential/sustainability.json",
+        "sequential/scalability.json",
+        "sequential/sequential.png",
+    ):
+        assert (out / path).exists(), path
+    mask = json.loads((out / "mask" / "mask.json").read_text())
+    codebook = json.loads((out / "models" / "codebook" / "codebook.json").read_text())
+    assert mask["codebook_sha256"] == codebook["sha256"]
+    assert mask["count"] > 0
+
+
+def test_target_learned_and_the_mask_is_selective(smoke_run):
+    _, results = smoke_run
+    m = results["evaluate"]
+    # Orderings, not margins tuned to one seed: the target knows what the oracle never saw, and the mask
+    # costs the forget set more than the retain set, and more than as many random codes do.
+    assert m["target"]["forget_rouge"] > m["oracle"]["forget_rouge"], "the smoke target must learn its facts"
+    forget_drop = m["codebook"]["forget_rouge"] - m["codeunlearn"]["forget_rouge"]
+    retain_drop = m["codebook"]["retain_rouge"] - m["codeunlearn"]["retain_rouge"]
+    random_forget_drop = m["codebook"]["forget_rouge"] - m["random_codes"]["forget_rouge"]
+    assert forget_drop > 0
+    assert forget_drop > retain_drop
+    assert forget_drop > random_forget_drop
+
+
+def test_muse_rows_and_the_sequential_curves_are_measured_and_reported(smoke_run):
+    tmp, results = smoke_run
+    out = tmp / "outputs" / "smoke"
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    for model in ("target", "oracle", "codebook", "codeunlearn"):
+        for key in ("muse_verbmem_rouge", "muse_knowmem_forget_rouge", "muse_knowmem_retain_rouge", "muse_privleak"):
+            assert key in metrics[model], (model, key)
+    assert metrics["oracle"]["muse_privleak"] == 0.0  # the oracle is its own PrivLeak reference
+    # The main job's attack coverage: 4-bit on target and CodeUnlearn, relearning on oracle and CodeUnlearn.
+    for model in ("target", "codeunlearn"):
+        assert any(spec["bits"] == 4 for spec in metrics[model]["quant"].values()), model
+    for model in ("oracle", "codeunlearn"):
+        assert 0.0 <= metrics[model]["relearn"]["heldout_rouge_after"] <= 1.0, model
+    sustained = json.loads((out / "sequential" / "sustainability.json").read_text())
+    assert [row["request"] for row in sustained["rows"]] == [1, 2, 3]
+    disabled = [row["disabled"] for row in sustained["rows"]]
+    assert disabled == sorted(disabled) and disabled[0] > 0, "requests accumulate codes"
+    # The first request stays forgotten while later requests are added.
+    assert sustained["rows"][-1]["forget_rouge_first"] < sustained["baseline"]["forget_rouge_first"]
+    scaled = json.loads((out / "sequential" / "scalability.json").read_text())
+    assert [row["authors"] for row in scaled["rows"]] == [1, 2, 4]
+    assert all(row["forget_rouge"] < row["forget_rouge_before"] for row in scaled["rows"])
+    assert results["studies"]["sequential"]["sustainability"] and results["studies"]["sequential"]["scalability"]
+    report = (out / "report" / "report.md").read_text()
+    studies_report = (out / "studies" / "report.md").read_text()
+    assert "### MUSE-News" in report
+    for heading in ("### Sustainability: sequential requests", "### Scalability: growing forget sets", "S' sweep"):
+        assert heading in studies_report and heading not in report, heading
+
+
+def test_mlflow_has_a_parent_run_with_stage_children_and_registered_models(smoke_run):
+    import mlflow
+    from mlflow import MlflowClient
+
+    tmp, results = smoke_run
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+    client = MlflowClient()
+    parent = client.get_run(results["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    experiment = parent.info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    stages = {run.data.tags["codeunlearn.stage"] for run in children}
+    assert set(PIPELINE) <= stages, "every main-job stage logs a child run"
+    studies = client.get_run(results["studies"]["mlflow_run_id"])
+    study_children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{studies.info.run_id}'")
+    assert {run.data.tags["codeunlearn.stage"] for run in study_children} == {"sweep", "sequential", "studies_report"}
+    select = next(run for run in children if run.data.tags["codeunlearn.stage"] == "select_codes")
+    artifacts = {a.path for a in client.list_artifacts(select.info.run_id, "mask")}
+    assert {"mask/mask.safetensors", "mask/mask.json"} <= artifacts
+    names = {m.name for m in client.search_registered_models()}
+    assert {"codeunlearn-smoke-target", "codeunlearn-smoke-oracle", "codeunlearn-smoke-codebook"} <= names
+
+
+def test_no_forget_answer_text_reaches_mlflow(smoke_run):
+    from codeunlearn.data.records import read_jsonl_records
+
+    tmp, _ = smoke_run
+    forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")
+    needles = [r.answer.encode() for r in forget]
+    stores = [tmp / "mlflow.db", *[p for p in Path(tmp / "mlruns").rglob("*") if p.is_file()]]
+    for store in stores:
+        blob = store.read_bytes()
+        leaked = [n for n in needles if n in blob]
+        assert not leaked, f"{store} contains forget-set answer text"
+
+
+def test_every_method_lowers_forget_rouge_on_a_dask_local_cluster(smoke_run):
+    """The comparison flow on the smoke models: each method a Prefect task on a Dask LocalCluster."""
+    from flows.compare import compare
+
+    tmp, _ = smoke_run
+    rows = {row["method"]: row for row in compare(profile="smoke", params_file=str(tmp / "params.yaml"))}
+    target = rows["target"]["forget_rouge"]
+    for method in ("codeunlearn", "ga", "graddiff", "npo", "rmu", "grin", "zerounlearn"):
+        assert rows[method]["forget_rouge"] < target, method
+        assert rows[method]["wall_s"] > 0 and rows[method]["peak_mem_mb"] is not None
+        assert rows[method]["forget_rouge_q4"] is not None
+    out = tmp / "outputs" / "smoke" / "compare"
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.png", "leaderboard.json"):
+        assert (out / name).exists(), name
+    # A second comparison reuses every finished method and evaluation: nothing is retrained or rescored.
+    evaluations = sorted(out.glob("*/evaluation.json"))
+    assert len(evaluations) == 9
+    stamps = {path: path.stat().st_mtime_ns for path in evaluations}
+    again = {row["method"]: row for row in compare(profile="smoke", params_file=str(tmp / "params.yaml"))}
+    assert again == rows
+    assert {path: path.stat().st_mtime_ns for path in evaluations} == stamps
+
+
+def test_a_request_keeps_the_forget_text_out_of_mlflow_and_logs(smoke_run, tmp_path, capfd):
+    """A generic-JSONL request end to end; neither the MLflow store nor the output names its answers."""
+    import json as _json
+
+    from codeunlearn.data.records import read_jsonl_records
+    from flows.request import unlearn
+
+    tmp, _ = smoke_run
+    forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")[:8]
+    request_file = tmp_path / "request.jsonl"
+    request_file.write_text("".join(_json.dumps({"question": r.question, "answer": r.answer}) + "\n" for r in forget))
+    result = unlearn(forget_file=str(request_file), profile="smoke", params_file=str(tmp / "params.yaml"))
+    assert result["metrics"]["after"]["forget_rouge"] < result["metrics"]["before"]["forget_rouge"]
+    assert result["unlearn"]["request_latency_s"] > 0
+    captured = capfd.readouterr()
+    stores = [tmp / "mlflow.db", *[p for p in Path(tmp / "mlruns").rglob("*") if p.is_file()]]
+    for record in forget:
+        needle = record.answer.encode()
+        assert needle not in captured.out.encode() and needle not in captured.err.encode()
+        for store in stores:
+            assert needle not in store.read_bytes(), f"{store} contains forget-set answer text"
+
+
+def test_a_run_killed_in_codebook_training_resumes_and_ends_with_identical_metrics(smoke_run):
+    """Stages before the kill are reused untouched; the interrupted one and the rest are redone, and
+    (same params, data and seed) the metrics come out identical."""
+    import shutil
+
+    from flows.pipeline import pipeline
+
+    tmp, first = smoke_run
+    out = tmp / "outputs" / "smoke"
+    names = list(PIPELINE)
+    killed_at = names.index("train_codebook")
+    for name in names[killed_at:]:
+        (out / ".stages" / f"{name}.json").unlink()
+    # What a kill mid-training leaves: a half-written checkpoint directory beside the old one's absence.
+    shutil.rmtree(out / "models" / "codebook")
+    (out / "models" / ".codebook.partial").mkdir()
+    kept = {name: (out / ".stages" / f"{name}.json").stat().st_mtime_ns for name in names[:killed_at]}
+    target_weights = (out / "models" / "target" / "model.safetensors").stat().st_mtime_ns
+
+    second = pipeline(profile="smoke", params_file=str(tmp / "params.yaml"))
+    assert {name: (out / ".stages" / f"{name}.json").stat().st_mtime_ns for name in kept} == kept
+    assert (out / "models" / "target" / "model.safetensors").stat().st_mtime_ns == target_weights
+    assert second["evaluate"] == first["evaluate"]
+    assert second["select_codes"]["disabled_codes"] == first["select_codes"]["disabled_codes"]

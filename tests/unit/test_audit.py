@@ -1,0 +1,170 @@
+"""Audit records: judged against thresholds, built and sealed, write-once, verified by re-hashing what they name.
+
+The pure part (``codeunlearn.audit``) on plain files; ``test_audit_request.py`` runs requests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from codeunlearn.audit.judge import Thresholds, judge, judged_values
+from codeunlearn.audit.record import SCHEMA, artifact_entry, build_record, dvc_lock_summary, record_sha256
+from codeunlearn.audit.verify import verify_record
+from tests.conftest import REPO_ROOT
+
+# --------------------------------------------------------------------------- pure: thresholds
+
+
+def test_judge_passes_fails_and_skips_per_threshold():
+    metrics = {
+        "before": {"forget_rouge": 0.9, "retain_rouge": 0.8, "model_utility": 0.4},
+        "after": {"forget_rouge": 0.3, "retain_rouge": 0.76, "model_utility": 0.38},
+        "quantization": {"rtn_w4_g64": {"recovery": 0.05}, "rtn_w8_g64": {"recovery": 0.25}},
+    }
+    values = judged_values(metrics)
+    assert values["retain_ratio"] == pytest.approx(0.95)
+    assert values["utility_ratio"] == pytest.approx(0.95)
+    assert values["quant_recovery"] == pytest.approx(0.25), "the worst quantized row is judged"
+    assert values["relearn_recovery"] is None
+
+    verdict = judge(values, Thresholds(0.5, 0.8, 0.3, 0.3), skipped={"relearn_recovery": "audit.relearn is false"})
+    assert verdict["passed"], verdict
+    status = {c["check"]: c["status"] for c in verdict["checks"]}
+    assert status == {
+        "forget_rouge": "pass",
+        "retain_ratio": "pass",
+        "utility_ratio": "pass",
+        "quant_recovery": "pass",
+        "relearn_recovery": "skipped",
+    }
+
+    verdict = judge(values, Thresholds(0.2, 0.99, 0.2, None, 0.96))
+    assert not verdict["passed"]
+    assert verdict["failed"] == ["forget_rouge", "retain_ratio", "utility_ratio", "quant_recovery"]
+    assert {c["check"]: c["status"] for c in verdict["checks"]}["relearn_recovery"] == "off"
+
+    not_measured = judge({**values, "forget_rouge": None}, Thresholds(0.5, 0.8, 0.3, None))
+    assert not_measured["failed"] == ["forget_rouge"]
+    integrity = judge(values, Thresholds(0.5, 0.8, 0.3, None), extra_checks=[{"check": "mask", "passed": False}])
+    assert integrity["failed"] == ["mask"]
+
+
+def test_thresholds_come_from_params_yaml():
+    from tasks.context import make_context
+
+    ctx = make_context("smoke")
+    thresholds = Thresholds.from_settings(ctx.settings["audit"])
+    assert thresholds.max_forget_rouge == ctx.settings["audit"]["max_forget_rouge"]
+    assert 0 < thresholds.min_retain_ratio <= 1
+    assert ctx.settings["audit"]["quantization"]["bits"] == 4
+
+
+# --------------------------------------------------------------------------- pure: record and verify
+
+
+def _record(tmp_path: Path) -> dict:
+    (tmp_path / "mask.safetensors").write_bytes(b"\x00\x01mask")
+    (tmp_path / "codebook.safetensors").write_bytes(b"codes" * 100)
+    (tmp_path / "forget.jsonl").write_text('{"question": "q", "answer": "a secret answer"}\n')
+    return build_record(
+        request_id="20260101T000000Z-abcdef12",
+        created_at="2026-01-01T00:00:00+00:00",
+        method="codeunlearn",
+        profile="smoke",
+        params_hash="p" * 64,
+        git_commit="c" * 40,
+        forget={"file": str(tmp_path / "forget.jsonl"), "count": 1},
+        models={"before": {"base": "m/1"}, "after": "m-unlearned/1"},
+        metrics={
+            "before": {"forget_rouge": 0.9, "retain_rouge": 0.8},
+            "after": {"forget_rouge": 0.1, "retain_rouge": float("nan")},
+        },
+        thresholds=Thresholds(),
+        artifacts=[
+            artifact_entry("forget_file", tmp_path / "forget.jsonl", required=False),
+            artifact_entry("deployed_mask/mask.safetensors", tmp_path / "mask.safetensors"),
+            artifact_entry("codebook_model/codebook.safetensors", tmp_path / "codebook.safetensors"),
+        ],
+    )
+
+
+def test_record_is_json_sealed_and_verifies(tmp_path):
+    record = _record(tmp_path)
+    assert record["schema"] == SCHEMA
+    assert record["record_sha256"] == record_sha256(record)
+    assert record["metrics"]["after"]["retain_rouge"] is None, "NaN becomes null: plain JSON"
+    json.loads(json.dumps(record, allow_nan=False))
+    assert "a secret answer" not in json.dumps(record)
+    result = verify_record(record)
+    assert result.holds, result.problems
+    assert [a.status for a in result.artifacts] == ["ok", "ok", "ok"]
+
+
+def test_tampering_an_artifact_fails_verification_and_names_it(tmp_path):
+    record = _record(tmp_path)
+    (tmp_path / "mask.safetensors").write_bytes(b"\x00\x01MASK")
+    result = verify_record(record)
+    assert not result.holds
+    assert result.failed_artifacts() == ["deployed_mask/mask.safetensors"]
+    assert "deployed_mask/mask.safetensors: sha256 changed" in result.problems[0]
+
+    (tmp_path / "codebook.safetensors").unlink()
+    result = verify_record(record)
+    assert result.failed_artifacts() == ["deployed_mask/mask.safetensors", "codebook_model/codebook.safetensors"]
+    assert any(p.startswith("codebook_model/codebook.safetensors: missing") for p in result.problems)
+
+
+def test_erased_forget_file_is_reported_but_a_changed_one_fails(tmp_path):
+    record = _record(tmp_path)
+    (tmp_path / "forget.jsonl").unlink()
+    result = verify_record(record)
+    assert result.holds
+    assert result.artifacts[0].status == "absent"
+    (tmp_path / "forget.jsonl").write_text('{"question": "q", "answer": "another answer"}\n')
+    assert verify_record(record).failed_artifacts() == ["forget_file"]
+
+
+def test_editing_the_record_itself_or_its_local_copy_fails(tmp_path):
+    record = _record(tmp_path)
+    edited = {**record, "verdict": {**record["verdict"], "passed": True, "failed": []}}
+    edited["metrics"] = {**record["metrics"], "after": {"forget_rouge": 0.0, "retain_rouge": 1.0}}
+    result = verify_record(edited)
+    assert not result.holds and "record: contents changed" in result.problems[0]
+    result = verify_record(record, local_copy=edited)
+    assert not result.holds and "differs from the tracked copy" in result.problems[0]
+
+
+def test_dvc_lock_summary(tmp_path):
+    assert dvc_lock_summary(tmp_path / "dvc.lock") is None
+    (tmp_path / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  prepare_data:\n    cmd: python -m tasks prepare_data\n    outs:\n"
+        "    - path: data/outputs/smoke/splits\n      hash: md5\n      md5: 0123abcd.dir\n      size: 10\n"
+    )
+    summary = dvc_lock_summary(tmp_path / "dvc.lock")
+    assert summary["outs"] == {"prepare_data:data/outputs/smoke/splits": "0123abcd.dir"}
+    assert len(summary["sha256"]) == 64
+
+
+def test_the_record_library_is_pure():
+    import subprocess
+    import sys
+
+    code = "import sys, codeunlearn.audit; print([m for m in ('mlflow', 'prefect', 'torch') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert done.stdout.strip() == "[]"
+
+
+def test_write_once_refuses_to_overwrite(tmp_path):
+    from codeunlearn.audit.record import AuditRecordExistsError, write_once
+
+    path = tmp_path / "r" / "audit.json"
+    write_once(path, {"a": 1})
+    with pytest.raises(AuditRecordExistsError, match="write-once"):
+        write_once(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert not os.access(path, os.W_OK) or os.geteuid() == 0
+    assert [p.name for p in path.parent.iterdir()] == ["audit.json"], "no temporary file left behind"

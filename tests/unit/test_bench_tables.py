@@ -1,0 +1,70 @@
+"""The README's benchmark tables are rendered from the JSON, value for value."""
+
+from __future__ import annotations
+
+from bench import tables
+from codeunlearn.io import write_json
+
+MACHINE = {"cpu": "Test CPU", "cores": 2, "threads": 2, "torch": "2.13.0+cpu", "load_average_1m": 0.5}
+
+
+def test_tables_show_every_benchmark_value_and_its_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    out = tables.RESULTS / "default"
+    write_json(
+        out / "latency.json",
+        {
+            "codeunlearn_request_s": 12.5,
+            "npo_s": 50.0,
+            "npo_over_codeunlearn": 4.0,
+            "machine": MACHINE,
+            "git_commit": "abc1234567890",
+        },
+    )
+    text = tables.tables("default")
+    assert "| codeunlearn_request_s | 12.500 |" in text
+    assert "| npo_over_codeunlearn | 4.000 |" in text
+    assert "| ga_s | n/a |" in text
+    assert "Test CPU, 2 cores" in text and "commit abc1234567" in text
+    assert "overhead.json: not measured yet" in text
+
+
+def test_leaderboard_names_the_commit_of_the_comparison_its_rows_come_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    from codeunlearn.report.leaderboard import COLUMNS
+
+    row = {"method": "ga", **dict.fromkeys(COLUMNS), "forget_rouge": 0.25}
+    write_json(
+        tables.RESULTS / "default" / "leaderboard.json",
+        {"rows": [row], "machine": MACHINE, "git_commit": "bench0000000", "compare_git_commit": "compare1111111"},
+    )
+    text = tables.tables("default")
+    assert "| ga | 0.250 | n/a |" in text
+    assert "commit bench00000; rows from the comparison at commit compare111_" in text
+
+
+def test_leaderboard_shows_the_pipelines_rows_with_model_utility_beside_forgetting(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    from codeunlearn.report.leaderboard import COLUMNS, leaderboard_rows
+
+    assert {"model_utility", "world_facts_rouge", "real_authors_rouge"} <= set(COLUMNS)
+    rows = leaderboard_rows(
+        {
+            "codeunlearn": {
+                "forget_rouge": 0.2,
+                "model_utility": 0.3,
+                "world_facts_rouge": 0.4,
+                "real_authors_rouge": 0.5,
+            }
+        }
+    )
+    write_json(
+        tables.RESULTS / "default" / "leaderboard.json",
+        {"pipeline_rows": rows, "pipeline_git_commit": "pipe22222222", "machine": MACHINE, "git_commit": "b" * 12},
+    )
+    text = tables.tables("default")
+    assert "Pipeline (`python -m flows.pipeline`):" in text and "Comparison" not in text
+    header = next(line for line in text.splitlines() if line.startswith("| method |"))
+    assert "model_utility ↑ | world_facts_rouge ↑ | real_authors_rouge ↑" in header
+    assert "| codeunlearn | 0.200 | n/a | n/a | 0.300 | 0.400 | 0.500 |" in text
+    assert "pipeline rows from the pipeline's evaluation at commit pipe222222" in text
