@@ -1,10 +1,17 @@
-"""The `codeunlearn` command: run the pipeline, or make the model forget a file of QAs."""
+"""The `codeunlearn` command: run the pipeline, or make the model forget a file of records.
+
+Heavy libraries are imported inside the commands, after their inputs are checked: ``forget`` refuses a
+bad file before torch, transformers, Prefect or MLflow is loaded.
+"""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import typer
+
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 app = typer.Typer(add_completion=False, help="Auditable machine unlearning for language models.")
 
@@ -21,20 +28,62 @@ def pipeline(
     typer.echo(f"report: {results['report']}")
 
 
+def _read_request_files(
+    forget_file: str, retain_file: str | None, kind: str, profile: str | None, params: str | None
+) -> str:
+    """Read and check the request's files with nothing heavier than the data library: no torch, no
+    transformers, no Prefect, no MLflow, so a bad file is refused in about a second and writes nothing.
+    Returns the forget file's record kind; a bad file, kind or params exit with code 2."""
+    from codeunlearn.config import ConfigError, load_settings
+    from codeunlearn.data.forget_files import RecordKind, read_request_files
+    from codeunlearn.data.records import DataError
+
+    kinds = ["auto", *RecordKind]
+    if kind not in kinds:
+        typer.echo(f"error: --kind {kind!r} is not one of {', '.join(kinds)}", err=True)
+        raise typer.Exit(code=2)
+    try:
+        settings = load_settings(Path(params) if params else PARAMS_FILE, profile)
+        forget, _ = read_request_files(
+            forget_file, retain_file, settings["forget_set"]["max_bytes"], None if kind == "auto" else kind
+        )
+    except (DataError, ConfigError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    return str(forget.kind)
+
+
 @app.command()
 def forget(
-    forget_file: str = typer.Option(..., "--forget-file", help="QAs to forget: TOFU .json or generic .jsonl"),
+    forget_file: str = typer.Option(
+        ..., "--forget-file", help="records to forget: .json, .jsonl, .csv or .parquet (docs/usage.md)"
+    ),
+    retain_file: str = typer.Option(
+        None, "--retain-file", help="neighbour records to keep, checked like the forget file and against it"
+    ),
+    kind: str = typer.Option("auto", help="record kind: auto (from the fields), qa, passage or choice"),
     method: str = typer.Option("codeunlearn", help="unlearning method (see codeunlearn.methods.METHODS)"),
     profile: str = typer.Option(None, help="profile in params.yaml (default: its `profile` field)"),
     params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
 ) -> None:
-    """Validate the forget file, unlearn it, evaluate, and register the new model version."""
+    """Validate the forget (and retain) file, unlearn it, evaluate, and register the new model version."""
+    found = _read_request_files(forget_file, retain_file, kind, profile, params)
+    if found != "qa":
+        typer.echo(
+            f"error: {forget_file}: a valid {found} file, but a request unlearns QA records only "
+            "(passage and multiple-choice requests are not wired into the request flow yet)",
+            err=True,
+        )
+        raise typer.Exit(code=2)
+    # Only now the heavy imports: Prefect, torch, transformers and MLflow come with the flow.
     from codeunlearn.data.records import DataError
     from codeunlearn.data.validation_report import ForgetSetValidationError
     from flows.request import unlearn
 
     try:
-        result = unlearn(forget_file=forget_file, method=method, profile=profile, params_file=params)
+        result = unlearn(
+            forget_file=forget_file, method=method, profile=profile, params_file=params, retain_file=retain_file
+        )
     except (DataError, ForgetSetValidationError, FileNotFoundError, KeyError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
@@ -50,8 +99,6 @@ def audit(
     params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
 ) -> None:
     """Re-hash every artifact a request's audit record names; exit 0 if the record still holds, 1 if not."""
-    from pathlib import Path
-
     from codeunlearn.audit.verify import format_verification, verify_record
     from tasks.audit import find_record
     from tasks.context import make_context

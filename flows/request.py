@@ -14,9 +14,18 @@ from tasks.request import evaluate_request, load_request, register_request, unle
 
 @flow(name="codeunlearn-request")
 def unlearn(
-    forget_file: str, method: str = "codeunlearn", profile: str | None = None, params_file: str | None = None
+    forget_file: str,
+    method: str = "codeunlearn",
+    profile: str | None = None,
+    params_file: str | None = None,
+    retain_file: str | None = None,
 ) -> dict:
-    """Forget the QAs in ``forget_file`` on the profile's trained models (run the pipeline once first)."""
+    """Forget the QAs in ``forget_file`` on the profile's trained models (run the pipeline once first).
+
+    ``retain_file``, the user's neighbour set, was checked by the CLI (alone and against the forget
+    file); the flow records it in its result. Control and calibration still come from the profile's
+    retain split, as ``select.control_authors`` says.
+    """
     ctx = make_context(profile, Path(params_file) if params_file else None)
     with tracking.flow_run(ctx, f"request-{method}") as run_ctx:
         request = load_request(run_ctx, forget_file)
@@ -31,4 +40,5 @@ def unlearn(
         "registered": version,
         "audit": audit,
         "mlflow_run_id": run_ctx.parent_run_id,
+        "retain_file": retain_file,
     }

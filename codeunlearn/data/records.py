@@ -1,8 +1,10 @@
 """One record schema (QARecord) for every benchmark, the generic JSONL format, and content hashing.
 
-The generic JSON-lines format (``load_jsonl``): one object per line with ``question`` and ``answer``,
-optional ``id`` and ``subject``. ``write_jsonl`` writes the same format, so split files written by the
-pipeline read back with ``read_jsonl_records``. TOFU's own files are read by ``data.tofu``.
+The generic JSON-lines format (``load_jsonl``): one object per line with ``question`` and ``answer``
+(or their aliases ``prompt`` and ``response``, as in TOFU's forget files), optional ``id`` and
+``subject``. ``write_jsonl`` writes the same format, so split files written by the pipeline read back
+with ``read_jsonl_records``. TOFU's own files are read by ``data.tofu``; a request's files of any
+record kind by ``data.forget_files``.
 """
 
 from __future__ import annotations
@@ -83,7 +85,16 @@ def read_text(path: Path) -> str:
         raise DataError(path, f"not UTF-8 text (byte offset {exc.start})") from exc
 
 
+def normalize_text(text: str) -> str:
+    """The key two texts are the same question (or passage) by: casefolded, whitespace collapsed."""
+    return " ".join(text.casefold().split())
+
+
 # --------------------------------------------------------------------------- field checks
+
+# A field and its accepted aliases, the first being the name reported when none is present.
+QUESTION_FIELDS = ("question", "prompt")
+ANSWER_FIELDS = ("answer", "response")
 
 
 def text_field(path: Path, raw: Mapping, names: Sequence[str], row: int, line: int | None) -> str:
@@ -121,7 +132,8 @@ def perturbed_field(path: Path, raw: Mapping, row: int, line: int | None) -> tup
     return tuple(value)
 
 
-def _record_id(path: Path, raw: Mapping, row: int, line: int | None, required: bool) -> str:
+def record_id(path: Path, raw: Mapping, row: int, line: int | None, required: bool = False) -> str:
+    """The row's own ``id`` (a string or an int), else ``{stem}-{row:04d}``."""
     value = raw.get("id")
     if value is None:
         if required:
@@ -137,40 +149,49 @@ def _record_id(path: Path, raw: Mapping, row: int, line: int | None, required: b
     return value
 
 
-# --------------------------------------------------------------------------- generic JSONL
-
-
-def _jsonl_record(path: Path, raw: Mapping, row: int, line: int, require_id: bool) -> QARecord:
-    subject = optional_text_field(path, raw, "subject", row, line)
+def qa_record(
+    path: Path, raw: Mapping, row: int, line: int | None, subject: str = "", require_id: bool = False
+) -> QARecord:
+    """One QA row of any file: ``question``/``answer`` (or ``prompt``/``response``); the row's own
+    ``subject`` wins over ``subject`` (a default, e.g. TOFU's author by row)."""
+    own_subject = optional_text_field(path, raw, "subject", row, line)
     return QARecord(
-        id=_record_id(path, raw, row, line, required=require_id),
-        question=text_field(path, raw, ("question",), row, line),
-        answer=text_field(path, raw, ("answer",), row, line),
-        subject=subject or "",
+        id=record_id(path, raw, row, line, required=require_id),
+        question=text_field(path, raw, QUESTION_FIELDS, row, line),
+        answer=text_field(path, raw, ANSWER_FIELDS, row, line),
+        subject=own_subject if own_subject is not None else subject,
         paraphrased_answer=optional_text_field(path, raw, "paraphrased_answer", row, line),
         perturbed_answers=perturbed_field(path, raw, row, line),
     )
 
 
-def _parse_jsonl(path: str | os.PathLike[str], require_id: bool) -> list[QARecord]:
-    path = Path(path)
-    records: list[QARecord] = []
-    for line_number, line in enumerate(read_text(path).splitlines(), start=1):
+# --------------------------------------------------------------------------- generic JSONL
+
+
+def read_jsonl_rows(path: Path, text: str) -> list[tuple[dict, int]]:
+    """(object, 1-based line) of each non-blank line of a JSON-lines text; each line must be one object."""
+    rows: list[tuple[dict, int]] = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
-        row = len(records)
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise malformed_json(path, exc, row=row, line=line_number) from exc
+            raise malformed_json(path, exc, row=len(rows), line=line_number) from exc
         if not isinstance(raw, dict):
-            raise wrong_type(path, "a JSON object", raw, row=row, line=line_number)
-        records.append(_jsonl_record(path, raw, row, line_number, require_id))
-    return records
+            raise wrong_type(path, "a JSON object", raw, row=len(rows), line=line_number)
+        rows.append((raw, line_number))
+    return rows
+
+
+def _parse_jsonl(path: str | os.PathLike[str], require_id: bool) -> list[QARecord]:
+    path = Path(path)
+    rows = read_jsonl_rows(path, read_text(path))
+    return [qa_record(path, raw, row, line, require_id=require_id) for row, (raw, line) in enumerate(rows)]
 
 
 def load_jsonl(path: str | os.PathLike[str]) -> list[QARecord]:
-    """Generic QA JSONL: ``question``/``answer`` non-empty strings; optional ``id`` (else
+    """Generic QA JSONL: ``question``/``answer`` (or ``prompt``/``response``) non-empty strings; optional ``id`` (else
     ``{stem}-{row:04d}``), ``subject``, ``paraphrased_answer``, ``perturbed_answers``.
 
     Duplicate ids are not a load error: the validation suite reports them with their rows.

@@ -1,15 +1,18 @@
 """Forget, retain and holdout splits cut by author (TOFU's construction), and their summary.
 
-No raw text in a summary: counts, distinct authors and sha256 per split.
+No raw text in a summary or a warning: counts, distinct authors, row numbers and sha256 per split.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from codeunlearn.data.records import QARecord, records_sha256
+from codeunlearn.data.records import QARecord, normalize_text, records_sha256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,12 +31,29 @@ def _authors_in_order(records: Sequence[QARecord]) -> list[str]:
     return list(authors)
 
 
+def drop_repeated_rows(records: Sequence[QARecord], split: str) -> list[QARecord]:
+    """The records without a benchmark's own repeats: a row whose question and answer (case and spacing
+    ignored) equal an earlier row's is dropped, with a warning naming the count. A question asked again
+    with another answer (full.json rows 100 and 440, two authors) is another fact and stays."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for record in records:
+        key = (normalize_text(record.question), normalize_text(record.answer))
+        if key not in seen:
+            seen.add(key)
+            kept.append(record)
+    if len(kept) < len(records):
+        log.warning("%s split: dropped %d repeated rows of %d", split, len(records) - len(kept), len(records))
+    return kept
+
+
 def split_by_author(records: Sequence[QARecord], n_forget: int, n_retain: int, n_holdout: int) -> Splits:
     """Cut forget / retain / holdout by author, deterministically (TOFU's construction).
 
     Authors are taken in first-appearance order: forget = the LAST ``n_forget`` authors, holdout = the
     ``n_holdout`` authors just before them (never trained on: membership-inference non-members),
-    retain = the FIRST ``n_retain`` authors. Records keep their input order within each split.
+    retain = the FIRST ``n_retain`` authors. Records keep their input order within each split, and
+    a split's repeated rows are dropped (``drop_repeated_rows``).
     """
     if n_forget < 1 or n_retain < 0 or n_holdout < 0:
         raise ValueError(f"need n_forget >= 1, n_retain >= 0, n_holdout >= 0; got {n_forget}, {n_retain}, {n_holdout}")
@@ -49,9 +69,10 @@ def split_by_author(records: Sequence[QARecord], n_forget: int, n_retain: int, n
     holdout = set(authors[first_forget - n_holdout : first_forget])
     retain = set(authors[:n_retain])
     return Splits(
-        forget=[r for r in records if r.subject in forget],
-        retain=[r for r in records if r.subject in retain],
-        holdout=[r for r in records if r.subject in holdout],
+        *(
+            drop_repeated_rows([r for r in records if r.subject in authors], name)
+            for name, authors in (("forget", forget), ("retain", retain), ("holdout", holdout))
+        )
     )
 
 

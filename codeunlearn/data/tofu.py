@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,10 +32,8 @@ from codeunlearn.data.records import (
     QARecord,
     load_jsonl,
     malformed_json,
-    optional_text_field,
-    perturbed_field,
+    qa_record,
     read_text,
-    text_field,
     wrong_type,
 )
 
@@ -59,8 +57,8 @@ def _as_object_list(path: Path, value: Any, first_row: int, line: int | None) ->
     return items
 
 
-def _parse_lines(path: Path, text: str) -> list[dict]:
-    records: list[dict] = []
+def _parse_lines(path: Path, text: str) -> list[tuple[dict, int]]:
+    rows: list[tuple[dict, int]] = []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -68,22 +66,29 @@ def _parse_lines(path: Path, text: str) -> list[dict]:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise malformed_json(path, exc, line=line_number) from exc
-        records.extend(_as_object_list(path, value, len(records), line_number))
-    return records
+        rows.extend((item, line_number) for item in _as_object_list(path, value, len(rows), line_number))
+    return rows
 
 
-def read_json_records(path: str | os.PathLike[str]) -> list[dict]:
-    """All objects of a TOFU-style JSON file: one array, JSON lines, or one array per line (concatenated)."""
-    path = Path(path)
-    text = read_text(path)
+def read_json_rows(path: Path, text: str) -> list[tuple[dict, int | None]]:
+    """(object, 1-based line or None) of a TOFU-style JSON text: one array, JSON lines, or one array per line.
+
+    A single document gives no line per object (None); a multi-document text gives each object its line.
+    """
     try:
-        return _as_object_list(path, json.loads(text), 0, None)
+        return [(item, None) for item in _as_object_list(path, json.loads(text), 0, None)]
     except json.JSONDecodeError as exc:
         # "Extra data" means the first document parsed: a multi-document file, so read it line by line
         # (that error then points at the right line). Any other error is inside a single document.
         if exc.msg != "Extra data":
             raise malformed_json(path, exc, line=exc.lineno) from exc
-    return _parse_lines(path, text)
+    return list(_parse_lines(path, text))
+
+
+def read_json_records(path: str | os.PathLike[str]) -> list[dict]:
+    """All objects of a TOFU-style JSON file: one array, JSON lines, or one array per line (concatenated)."""
+    path = Path(path)
+    return [raw for raw, _ in read_json_rows(path, read_text(path))]
 
 
 def _tofu_author(row_in_full: int, prefix: str = TOFU_AUTHOR_PREFIX) -> str:
@@ -109,7 +114,7 @@ def _full_offset(path: Path, n_records: int) -> int | None:
     return TOFU_FULL_RECORDS - expected if match["kind"] == "forget" else 0
 
 
-def _subject_rule(path: Path, n_records: int):
+def subject_rule(path: Path, n_records: int) -> Callable[[int], str]:
     """A function row -> subject for this TOFU file, chosen by its name."""
     offset = _full_offset(path, n_records)
     if offset is not None:
@@ -123,25 +128,13 @@ def _subject_rule(path: Path, n_records: int):
 def load_tofu_file(path: str | os.PathLike[str]) -> list[QARecord]:
     """One TOFU JSON file as QARecords (ids ``{stem}-{row:04d}``, subjects in full.json author order).
 
-    A record's own ``subject`` field, if it has one, wins over the file-name rule.
+    A record's own ``subject`` field, if it has one, wins over the file-name rule (and its own ``id``
+    over the row-numbered one; TOFU's files carry none).
     """
     path = Path(path)
-    raws = read_json_records(path)
-    subject_of = _subject_rule(path, len(raws))
-    records = []
-    for row, raw in enumerate(raws):
-        own_subject = optional_text_field(path, raw, "subject", row, None)
-        records.append(
-            QARecord(
-                id=f"{path.stem}-{row:04d}",
-                question=text_field(path, raw, ("question", "prompt"), row, None),
-                answer=text_field(path, raw, ("answer", "response"), row, None),
-                subject=own_subject if own_subject is not None else subject_of(row),
-                paraphrased_answer=optional_text_field(path, raw, "paraphrased_answer", row, None),
-                perturbed_answers=perturbed_field(path, raw, row, None),
-            )
-        )
-    return records
+    rows = read_json_rows(path, read_text(path))
+    subject_of = subject_rule(path, len(rows))
+    return [qa_record(path, raw, row, line, subject=subject_of(row)) for row, (raw, line) in enumerate(rows)]
 
 
 def load_qa_file(path: str | os.PathLike[str]) -> list[QARecord]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from codeunlearn.data.records import normalize_text
 from codeunlearn.data.validation_report import ExpectationFailure, ValidationReport
 
 REQUIRED_COLUMNS = ("id", "question", "answer", "subject")
@@ -82,11 +83,6 @@ def _type_name(value: Any) -> str | None:
     return None if _is_missing(value) else type(value).__name__
 
 
-def normalize_question(question: str) -> str:
-    """The leakage key: casefolded, whitespace collapsed."""
-    return " ".join(question.casefold().split())
-
-
 def _frame(records: Sequence[Any]) -> pd.DataFrame:
     """Text columns hold str or null only, so GX string expectations never see odd objects; the
     value's type goes to ``<field>_type``. A field absent from every record gets no column."""
@@ -98,7 +94,7 @@ def _frame(records: Sequence[Any]) -> pd.DataFrame:
         columns[name] = [v if isinstance(v, str) else None for v in values]
         columns[name + _TYPE_SUFFIX] = [_type_name(v) for v in values]
     if "question" in columns:
-        columns[NORMALIZED_QUESTION] = [q if q is None else normalize_question(q) for q in columns["question"]]
+        columns[NORMALIZED_QUESTION] = [q if q is None else normalize_text(q) for q in columns["question"]]
     return pd.DataFrame(columns, index=pd.RangeIndex(len(records)), dtype=object)
 
 

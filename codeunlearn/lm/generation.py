@@ -32,6 +32,7 @@ from codeunlearn.lm.prompting import (
     first_answer_position,
     left_pad_prompts,
     pad_batch,
+    warn_truncated,
 )
 
 
@@ -233,10 +234,12 @@ def _answer_logprobs(
 
 
 def encode_answers(
-    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, setting: str = "max_length"
+    tokenizer, pairs: Sequence[tuple[str, str]], max_length: int, setting: str = "max_length", add_eos: bool = True
 ) -> list[EncodedQA]:
-    """``encode_qa`` of each pair; a pair left with no answer token is named, with the ``setting`` to raise."""
-    encoded = [encode_qa(tokenizer, question, answer, max_length) for question, answer in pairs]
+    """``encode_qa`` of each pair; cut pairs are counted in a warning, and a pair left with no answer
+    token is an error, each naming the ``setting`` to raise."""
+    encoded = [encode_qa(tokenizer, question, answer, max_length, add_eos) for question, answer in pairs]
+    warn_truncated(sum(item.truncated for item in encoded), len(encoded), max_length, setting)
     for index, item in enumerate(encoded):
         if all(label == IGNORE_INDEX for label in item.labels):
             raise ValueError(
@@ -254,14 +257,16 @@ def answer_token_logprobs(
     max_length: int,
     progress: bool = False,
     setting: str = "max_length",
+    add_eos: bool = True,
 ) -> list[torch.Tensor]:
-    """log p of every answer token (EOS included) of each (question, answer), teacher-forced.
+    """log p of every answer token (EOS included unless ``add_eos`` is false) of each (question, answer),
+    teacher-forced.
 
     The token sequence training sees (``prompting.encode_qa``), kept per token so that the NLL
     (``mean_nll``), Min-K% and LOSS read the same pass.
     """
     _require_positive(batch_size=batch_size, max_length=max_length)
-    encoded = encode_answers(tokenizer, pairs, max_length, setting)
+    encoded = encode_answers(tokenizer, pairs, max_length, setting, add_eos)
     device = _device(model)
     pad_id = pad_token_id(tokenizer)
     # Batches of similar lengths: right padding is computed and thrown away (13% of the default profile's
@@ -295,11 +300,21 @@ def text_token_logprobs(
     """Per-token log-probabilities of raw texts (every token after the first), for Min-K% / LOSS MIAs.
 
     muse_bench's ``compute_ppl``: the text is encoded with BOS and each token after it is scored.
-    Texts longer than ``max_length`` tokens are cut (muse_bench scores whole texts; set max_length to
-    the model's context length to match it).
+    Texts longer than ``max_length`` tokens are cut, with a warning counting them (muse_bench scores
+    whole texts; set max_length to the model's context length to match it, or score windows with
+    ``token_logprobs``).
     """
     _require_positive(batch_size=batch_size, max_length=max_length)
-    encoded = [encode_raw(tokenizer, text, add_bos)[:max_length] for text in texts]
+    encoded = [encode_raw(tokenizer, text, add_bos) for text in texts]
+    warn_truncated(sum(len(ids) > max_length for ids in encoded), len(encoded), max_length, "max_length")
+    return token_logprobs(model, tokenizer, [ids[:max_length] for ids in encoded], batch_size, progress)
+
+
+def token_logprobs(
+    model: nn.Module, tokenizer, encoded: Sequence[Sequence[int]], batch_size: int, progress: bool = False
+) -> list[torch.Tensor]:
+    """log p of every token after the first of each token-id sequence, teacher-forced, in input order."""
+    _require_positive(batch_size=batch_size)
     for index, ids in enumerate(encoded):
         if len(ids) < 2:
             raise ValueError(f"text {index}: needs at least two tokens to score one, got {len(ids)}")
@@ -313,7 +328,7 @@ def text_token_logprobs(
             input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for row, ids in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.tensor(ids)
+                input_ids[row, : len(ids)] = torch.tensor(list(ids))
                 attention_mask[row, : len(ids)] = 1
             logprobs = _token_logprobs(model, input_ids.to(device), attention_mask.to(device)).cpu()
             out.extend(logprobs[row, : len(ids) - 1] for row, ids in enumerate(chunk))

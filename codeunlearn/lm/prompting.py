@@ -6,10 +6,13 @@ see exactly the same token sequence for the same question.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PLAIN_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
@@ -33,6 +36,7 @@ def answer_text(answer: str) -> str:
 class EncodedQA:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX on prompt tokens: the loss sees answer tokens only
+    truncated: bool = False  # tokens were cut at max_length
 
     @property
     def prompt_length(self) -> int:
@@ -47,15 +51,32 @@ def encode_prompt(tokenizer, question: str) -> list[int]:
     return ids
 
 
-def encode_qa(tokenizer, question: str, answer: str, max_length: int) -> EncodedQA:
-    """Prompt tokens then answer tokens then EOS, truncated to max_length; labels on the answer only."""
+def encode_qa(tokenizer, question: str, answer: str, max_length: int, add_eos: bool = True) -> EncodedQA:
+    """Prompt tokens then answer tokens then EOS (unless ``add_eos`` is false: a multiple-choice option
+    is scored without it), truncated to max_length; labels on the answer only."""
     prompt_ids = encode_prompt(tokenizer, question)
     answer_ids = tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
+    if add_eos and tokenizer.eos_token_id is not None:
         answer_ids = [*answer_ids, tokenizer.eos_token_id]
-    input_ids = (prompt_ids + answer_ids)[:max_length]
+    full = prompt_ids + answer_ids
+    input_ids = full[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
-    return EncodedQA(input_ids=input_ids, labels=labels)
+    return EncodedQA(input_ids=input_ids, labels=labels, truncated=len(full) > max_length)
+
+
+def warn_truncated(count: int, total: int, max_length: int, setting: str) -> None:
+    """No silent truncation: a warning with how many of ``total`` records (or texts) were cut at
+    ``max_length`` tokens, naming the ``setting`` to raise. Counts only, never text."""
+    if count:
+        message = "%d of %d records cut at %s=%d tokens: raise it to keep them whole"
+        log.warning(message, count, total, setting, max_length)
+
+
+def encode_qas(tokenizer, records: Sequence, max_length: int, setting: str = "max_length") -> list[EncodedQA]:
+    """``encode_qa`` of every record (anything with ``question`` and ``answer``), warning about cut ones."""
+    encoded = [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
+    warn_truncated(sum(e.truncated for e in encoded), len(encoded), max_length, setting)
+    return encoded
 
 
 def pad_batch(encoded: Sequence[EncodedQA], pad_token_id: int) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, encode_qa, first_answer_position, pad_batch
+from codeunlearn.lm.prompting import IGNORE_INDEX, EncodedQA, encode_qas, first_answer_position, pad_batch
 
 ExtraLoss = Callable[[nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -44,7 +44,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def encode_records(tokenizer: Any, records: Sequence[Any], max_length: int) -> list[EncodedQA]:
-    return [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
+    return encode_qas(tokenizer, records, max_length)
 
 
 def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

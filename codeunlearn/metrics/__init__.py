@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from codeunlearn.metrics import mia, muse, recovery, tofu
+from codeunlearn.metrics import choice, mia, muse, passage, recovery, tofu
 
 METRICS: dict[str, Callable[..., Any]] = {
     # TOFU
@@ -33,6 +33,12 @@ METRICS: dict[str, Callable[..., Any]] = {
     "muse.privleak": muse.privleak,
     "muse.scalability_table": muse.scalability_table,
     "muse.sustainability_table": muse.sustainability_table,
+    # Multiple choice (lm-eval's WMDP / MMLU scoring)
+    "choice.accuracy": choice.choice_accuracy,
+    "choice.accuracy_norm": choice.choice_accuracy_norm,
+    # Passages (a document to forget)
+    "passage.verbmem": passage.passage_verbmem,
+    "passage.min_k": passage.passage_min_k,
     # Membership inference
     "mia.min_k_attack": mia.min_k_attack,
     "mia.min_k_prob_score": mia.min_k_prob_score,
@@ -49,4 +55,4 @@ def get_metric(name: str) -> Callable[..., Any]:
     return METRICS[name]
 
 
-__all__ = ["METRICS", "get_metric", "mia", "muse", "recovery", "tofu"]
+__all__ = ["METRICS", "choice", "get_metric", "mia", "muse", "passage", "recovery", "tofu"]

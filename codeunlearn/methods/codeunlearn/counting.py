@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from codeunlearn.lm.blocks import StopForward
-from codeunlearn.lm.prompting import IGNORE_INDEX, encode_qa, pad_batch
+from codeunlearn.lm.prompting import IGNORE_INDEX, encode_qas, pad_batch
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck
 
 
@@ -86,7 +86,7 @@ def _batches(
     """
     if positions not in ("all", "answer"):
         raise ValueError(f"positions must be 'all' or 'answer', got {positions!r}")
-    encoded = sorted((encode_qa(tokenizer, r.question, r.answer, max_length) for r in records), key=_length)
+    encoded = sorted(encode_qas(tokenizer, records, max_length, "select.max_length"), key=_length)
     batches = []
     for start in range(0, len(encoded), batch_size):
         batch = pad_batch(encoded[start : start + batch_size], tokenizer.pad_token_id)
