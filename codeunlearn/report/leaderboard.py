@@ -59,6 +59,7 @@ def _cell(value: Any) -> str:
 
 
 def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One row per method; a column an older comparison did not measure reads n/a."""
     arrows = {"down": "↓", "up": "↑", "zero": "→0"}
     header = ["method", *(f"{col} {arrows[d]}" for col, (_, d) in COLUMNS.items())]
-    return markdown_table(header, ([_cell(row[c]) for c in ["method", *COLUMNS]] for row in rows)) + "\n"
+    return markdown_table(header, ([_cell(row.get(c)) for c in ["method", *COLUMNS]] for row in rows)) + "\n"

@@ -68,3 +68,8 @@ def test_leaderboard_shows_the_pipelines_rows_with_model_utility_beside_forgetti
     assert "model_utility ↑ | world_facts_rouge ↑ | real_authors_rouge ↑" in header
     assert "| codeunlearn | 0.200 | n/a | n/a | 0.300 | 0.400 | 0.500 |" in text
     assert "pipeline rows from the pipeline's evaluation at commit pipe222222" in text
+
+
+def test_the_committed_benchmarks_page_is_generated_from_the_committed_results():
+    page = tables.RESULTS.parent.parent / "docs" / "benchmarks.md"
+    assert page.read_text() == tables.benchmarks_page(), "run: python -m bench.tables --write docs/benchmarks.md"
