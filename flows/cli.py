@@ -44,9 +44,11 @@ def _read_request_files(
         raise typer.Exit(code=2)
     try:
         settings = load_settings(Path(params) if params else PARAMS_FILE, profile)
-        forget, _ = read_request_files(
+        forget, retain = read_request_files(
             forget_file, retain_file, settings["forget_set"]["max_bytes"], None if kind == "auto" else kind
         )
+        if retain is not None and retain.kind is not RecordKind.QA:
+            raise DataError(retain.path, f"a {retain.kind} file; a neighbour set (--retain-file) holds QA records")
     except (DataError, ConfigError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

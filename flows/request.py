@@ -23,16 +23,17 @@ def unlearn(
     """Forget the QAs in ``forget_file`` on the profile's trained models (run the pipeline once first).
 
     ``retain_file``, the user's neighbour set, was checked by the CLI (alone and against the forget
-    file); the flow records it in its result. Control and calibration still come from the profile's
-    retain split, as ``select.control_authors`` says.
+    file); split as ``request.neighbour_split`` says, one part is the method's control and calibration,
+    the other is scored before and after. Without it, the control is the profile's retain split's
+    (``select.control_authors``).
     """
     ctx = make_context(profile, Path(params_file) if params_file else None)
     with tracking.flow_run(ctx, f"request-{method}") as run_ctx:
         request = load_request(run_ctx, forget_file)
-        unlearned = unlearn_request(run_ctx, forget_file, method, request)
-        metrics = evaluate_request(run_ctx, forget_file, method, request)
+        unlearned = unlearn_request(run_ctx, forget_file, method, request, retain_file)
+        metrics = evaluate_request(run_ctx, forget_file, method, request, retain_file)
         version = register_request(run_ctx, method, request, unlearned)
-        audit = audit_request(run_ctx, forget_file, method, request, unlearned, metrics, version)
+        audit = audit_request(run_ctx, forget_file, method, request, unlearned, metrics, version, retain_file)
     return {
         **request,
         "unlearn": unlearned,

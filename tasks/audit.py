@@ -36,6 +36,7 @@ from codeunlearn.audit.record import (
     directory_artifacts,
     dvc_lock_summary,
     forget_summary,
+    neighbour_summary,
     split_version,
     write_once,
 )
@@ -44,7 +45,7 @@ from codeunlearn.io import read_json
 from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import flatten_metrics
 from tasks import tracking
-from tasks.common import audit_attacks, deploy, model_dir, requests_dir, retain_eval, tag_version
+from tasks.common import audit_attacks, deploy, model_dir, neighbour_sets, requests_dir, retain_eval, tag_version
 from tasks.context import RunContext, torch_threads
 
 REQUEST_FILES = ("unlearn.json", "metrics.json", "validation/report.json")  # a request's own files a record hashes
@@ -95,6 +96,7 @@ def audit_request(
     unlearned: dict,
     metrics: dict,
     version: str | None,
+    retain_file: str | None = None,
 ) -> dict:
     """Attacks on the deployed model, the write-once audit record, MLflow, the model version's tags."""
     request_id = request["request_id"]
@@ -126,6 +128,8 @@ def audit_request(
         attacks, skipped = audit_attacks(ctx, checkpoint, forget, retain, metrics["after"])
     timing = {"attacks": time.perf_counter() - started}
     all_metrics = {"before": metrics["before"], "after": metrics["after"], **attacks, "timing_s": timing}
+    neighbours = neighbour_sets(ctx, retain_file)
+    neighbour = neighbour_summary(retain_file, *neighbours, metrics) if neighbours is not None else None
     base_role = unlearning.base_role
     name_and_number = split_version(version)
     models = {
@@ -160,6 +164,7 @@ def audit_request(
         dvc=dvc_lock_summary(ctx.root / "dvc.lock"),
         skipped=skipped,
         record_path=record_path,
+        neighbour=neighbour,
     )
     write_once(record_path, record)
     verdict = record["verdict"]

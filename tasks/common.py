@@ -15,6 +15,8 @@ from codeunlearn.attacks.quantize import quantization_specs
 from codeunlearn.audit.attacks import AuditSettings, attack_metrics
 from codeunlearn.audit.record import split_version
 from codeunlearn.checkpoints import load_checkpoint
+from codeunlearn.data.forget_files import RecordKind, load_record_file
+from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
 from codeunlearn.data.records import QARecord
 from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
 from codeunlearn.data.validation_report import require_valid
@@ -135,6 +137,22 @@ def build_suite(ctx: RunContext, with_muse: bool = False) -> Suite:
 def retain_eval(ctx: RunContext) -> list:
     """The retain QAs a request's audit scores (the scored authors, evenly spaced as ``evaluate`` sizes them)."""
     return evenly_spaced(ctx.retain_split()[1], ctx.settings["evaluate"]["retain_eval_size"])
+
+
+def neighbour_sets(ctx: RunContext, retain_file: str | None) -> tuple[list[QARecord], list[QARecord]] | None:
+    """(control, held_out) of the request's neighbour file, split as ``request.neighbour_split`` says;
+    ``None`` without a neighbour file (the profile's retain split is the control then)."""
+    if retain_file is None:
+        return None
+    records = load_record_file(retain_file, RecordKind.QA, ctx.settings["forget_set"]["max_bytes"]).records
+    return split_neighbours(records, NeighbourSplit(**ctx.settings["request"]["neighbour_split"]), retain_file)
+
+
+def request_control(ctx: RunContext, retain_file: str | None) -> list[QARecord]:
+    """What a request's method contrasts the forget set with and calibrates on: the neighbour file's
+    control part, else the profile's control retain authors."""
+    neighbours = neighbour_sets(ctx, retain_file)
+    return neighbours[0] if neighbours is not None else ctx.retain_split()[0]
 
 
 def audit_attacks(

@@ -20,7 +20,16 @@ from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import request_scores
 from codeunlearn.models.load import Checkpoint
 from tasks import tracking
-from tasks.common import check_forget_retain, deploy, load_role, model_dir, requests_dir, run_method
+from tasks.common import (
+    check_forget_retain,
+    deploy,
+    load_role,
+    model_dir,
+    neighbour_sets,
+    request_control,
+    requests_dir,
+    run_method,
+)
 from tasks.context import RunContext
 
 
@@ -40,10 +49,13 @@ def load_request(ctx: RunContext, forget_file: str) -> dict:
 
 
 @task(name="unlearn_request", cache_policy=NONE)
-def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dict) -> dict:
-    """Run the method from the deployed model and save its result (a cumulative one adds to the deployed state)."""
+def unlearn_request(
+    ctx: RunContext, forget_file: str, method: str, request: dict, retain_file: str | None = None
+) -> dict:
+    """Run the method from the deployed model and save its result (a cumulative one adds to the deployed
+    state). Its control and calibration: the neighbour file's control part, else the profile's."""
     forget = load_qa_file(forget_file)
-    retain, _ = ctx.retain_split()
+    retain = request_control(ctx, retain_file)
     out = requests_dir(ctx) / request["request_id"]
     provenance = {"request_id": request["request_id"], "params_hash": ctx.params_hash}
     state = deployed_state(ctx, method, out.name)
@@ -62,10 +74,14 @@ def unlearn_request(ctx: RunContext, forget_file: str, method: str, request: dic
 
 
 @task(name="evaluate_request", cache_policy=NONE)
-def evaluate_request(ctx: RunContext, forget_file: str, method: str, request: dict) -> dict:
+def evaluate_request(
+    ctx: RunContext, forget_file: str, method: str, request: dict, retain_file: str | None = None
+) -> dict:
     """Forget ROUGE on the request's own forget set beside model utility (retain, real authors, world
-    facts: ROUGE, Prob, truth ratio), before and after the request."""
+    facts: ROUGE, Prob, truth ratio) and the neighbour file's held-out part (ROUGE, Prob), before and after."""
     forget = load_qa_file(forget_file)
+    neighbours = neighbour_sets(ctx, retain_file)
+    held_out = neighbours[1] if neighbours is not None else ()
     utility = ctx.utility_sets()
     spec = ctx.eval_spec()
     out = requests_dir(ctx) / request["request_id"]
@@ -73,7 +89,7 @@ def evaluate_request(ctx: RunContext, forget_file: str, method: str, request: di
     state = deployed_state(ctx, method, out.name)
 
     def scores(checkpoint: Checkpoint) -> dict[str, float]:
-        return request_scores(checkpoint.model, checkpoint.tokenizer, forget, utility, spec)
+        return request_scores(checkpoint.model, checkpoint.tokenizer, forget, utility, spec, neighbour=held_out)
 
     before = unlearning.before(lambda: load_role(ctx, unlearning.base_role), state, out)
     metrics = {"before": scores(before)}

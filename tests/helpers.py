@@ -206,7 +206,9 @@ def build_tiny_setup(tmp: Path, overrides: dict | None = None) -> tuple[Path, Pa
     return params_file, forget_file
 
 
-def run_request(params_file: Path, forget_file: Path, method: str = "codeunlearn") -> dict:
+def run_request(
+    params_file: Path, forget_file: Path, method: str = "codeunlearn", retain_file: Path | None = None
+) -> dict:
     """The request flow's tasks in order, inside an MLflow parent run, without a Prefect server."""
     from tasks import tracking
     from tasks.audit import audit_request
@@ -216,10 +218,11 @@ def run_request(params_file: Path, forget_file: Path, method: str = "codeunlearn
     ctx = make_context("smoke", params_file)
     with tracking.flow_run(ctx, f"request-{method}") as run_ctx:
         request = load_request.fn(run_ctx, str(forget_file))
-        unlearned = unlearn_request.fn(run_ctx, str(forget_file), method, request)
-        metrics = evaluate_request.fn(run_ctx, str(forget_file), method, request)
+        neighbours = str(retain_file) if retain_file is not None else None
+        unlearned = unlearn_request.fn(run_ctx, str(forget_file), method, request, neighbours)
+        metrics = evaluate_request.fn(run_ctx, str(forget_file), method, request, neighbours)
         version = register_request.fn(run_ctx, method, request, unlearned)
-        audit = audit_request.fn(run_ctx, str(forget_file), method, request, unlearned, metrics, version)
+        audit = audit_request.fn(run_ctx, str(forget_file), method, request, unlearned, metrics, version, neighbours)
     return {
         **request,
         "metrics": metrics,

@@ -139,6 +139,26 @@ def forget_summary(forget_file: str | Path, records: Sequence[Any]) -> dict[str,
     }
 
 
+def neighbour_summary(
+    retain_file: str | Path, control: Sequence[Any], held_out: Sequence[Any], metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The neighbour set as a record names it (hashes and counts of its control and held-out parts, never
+    text) with the held-out part's ROUGE and probability before and after the request."""
+    path = Path(retain_file).resolve()
+    summary: dict[str, Any] = {
+        "file": str(path),
+        "file_sha256": sha256_file(path),
+        "control_sha256": records_sha256(control),
+        "control_count": len(control),
+        "held_out_sha256": records_sha256(held_out),
+        "held_out_count": len(held_out),
+    }
+    for key in ("neighbour_rouge", "neighbour_prob"):
+        for when in ("before", "after"):
+            summary[f"{key}_{when}"] = (metrics.get(when) or {}).get(key)
+    return summary
+
+
 def split_version(version: str | None) -> tuple[str, str] | None:
     """A registered version ``name/number`` as (name, number); ``None`` when there is none."""
     if not version or "/" not in version:
@@ -164,11 +184,13 @@ def build_record(
     dvc: Mapping[str, Any] | None = None,
     skipped: Mapping[str, str] | None = None,
     record_path: str | Path | None = None,
+    neighbour: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The audit record of one request, sealed with its own ``record_sha256``.
 
     ``forget`` holds hashes and counts only (``file``, ``file_sha256``, ``records_sha256``, ``count``,
-    ``subjects``); raw text has no field to go in. Artifact names must be unique.
+    ``subjects``); raw text has no field to go in. Artifact names must be unique. ``neighbour``
+    (``neighbour_summary``), given only when the request had a neighbour file, joins the record as is.
     """
     names = [a["name"] for a in artifacts]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -192,6 +214,7 @@ def build_record(
             "verdict": judge(judged_values(metrics), thresholds, skipped),
             "artifacts": list(artifacts),
             "record_path": str(record_path) if record_path else None,
+            **({"neighbour": neighbour} if neighbour is not None else {}),
         }
     )
     record["record_sha256"] = record_sha256(record)

@@ -158,19 +158,36 @@ def request_scores(
     utility: EvalSets,
     spec: EvalSpec,
     progress: bool = False,
+    neighbour: Sequence[Any] = (),
 ) -> dict[str, float]:
     """A request's numbers: forget ROUGE on its own QAs (which carry no perturbed answers) beside the
     model utility of ``utility``'s retain / real-authors / world-facts sets and each set's ROUGE, Prob
-    and truth ratio. One decoding pass serves all of them."""
+    and truth ratio, and, given the held-out part of a neighbour set, its ROUGE and answer probability
+    (``neighbour_rouge``, ``neighbour_prob``). One decoding pass serves all of them."""
     splits = {kind: records for kind, records in utility.tofu_splits().items() if kind != "forget"}
-    questions = [r.question for r in forget] + [r.question for records in splits.values() for r in records]
+    own = [*forget, *neighbour]
+    questions = [r.question for r in own] + [r.question for records in splits.values() for r in records]
     generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
     row: dict[str, float] = {}
     if forget:
         row["forget_rouge"] = float(np.mean(rouge_l_recall(generated[: len(forget)], [r.answer for r in forget])))
+    if neighbour:
+        row.update(_neighbour_scores(model, tokenizer, neighbour, generated[len(forget) : len(own)], spec, progress))
     if splits:
-        row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(forget) :], spec, progress)))
+        row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(own) :], spec, progress)))
     return row
+
+
+def _neighbour_scores(
+    model: nn.Module, tokenizer: Any, records: Sequence[Any], generated: Sequence[str], spec: EvalSpec, progress: bool
+) -> dict[str, float]:
+    """Mean ROUGE-L recall of the greedy answers and mean answer probability (exp of the mean token NLL)."""
+    pairs = [(r.question, r.answer) for r in records]
+    logprobs = answer_token_logprobs(model, tokenizer, pairs, spec.score_batch_size, spec.max_length, progress)
+    return {
+        "neighbour_rouge": float(np.mean(rouge_l_recall(generated, [r.answer for r in records]))),
+        "neighbour_prob": float(np.mean(answer_probability([mean_nll(lp) for lp in logprobs]))),
+    }
 
 
 def _score_splits(

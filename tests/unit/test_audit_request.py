@@ -201,3 +201,51 @@ def test_a_gradient_method_request_is_audited_on_its_edited_model(tmp_path, monk
     assert "unlearned_model/model.safetensors" in names and not any(n.startswith("deployed_mask") for n in names)
     assert "quantization" in record["metrics"] and "relearn" in record["metrics"]
     assert verify_record(record).holds
+
+
+# --------------------------------------------------------------------------- a neighbour set (--retain-file)
+
+
+def _write_neighbours(path: Path) -> Path:
+    from tests.helpers import RETAIN_FACTS
+
+    path.write_text(
+        "".join(
+            json.dumps({"id": f"n-{i}", "question": q, "answer": a, "subject": s}) + "\n"
+            for i, (q, a, s) in enumerate(RETAIN_FACTS)
+        )
+    )
+    return path
+
+
+def test_a_neighbour_file_is_the_control_and_is_scored_before_and_after(tmp_path):
+    from codeunlearn.data.forget_files import RecordKind, load_record_file
+    from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
+    from codeunlearn.data.records import records_sha256
+    from tasks.context import make_context
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    params_file, forget_file = build_tiny_setup(tmp_path)
+    neighbours = _write_neighbours(tmp_path / "neighbours.jsonl")
+    result = run_request(params_file, forget_file, retain_file=neighbours)
+    record = json.loads(Path(result["audit"]["record"]).read_text())
+
+    spec = NeighbourSplit(**make_context("smoke", params_file).settings["request"]["neighbour_split"])
+    control, held_out = split_neighbours(load_record_file(neighbours, RecordKind.QA).records, spec)
+    block = record["neighbour"]
+    assert block["control_sha256"] == records_sha256(control) and block["held_out_sha256"] == records_sha256(held_out)
+    assert block["control_count"] + block["held_out_count"] == 8
+    for key in ("neighbour_rouge", "neighbour_prob"):
+        for when in ("before", "after"):
+            assert block[f"{key}_{when}"] == record["metrics"][when][key]
+            assert 0.0 <= block[f"{key}_{when}"] <= 1.0
+    mask_meta = json.loads((Path(result["audit"]["record"]).parent / "mask" / "mask.json").read_text())
+    assert mask_meta["provenance"]["control_sha256"] == records_sha256(control)
+    text = Path(result["audit"]["record"]).read_text()
+    assert all(r.question not in text and r.answer not in text for r in [*control, *held_out])
+
+
+def test_without_a_neighbour_file_the_record_has_no_neighbour_block(tiny_request):
+    record = json.loads(Path(tiny_request[3]["audit"]["record"]).read_text())
+    assert "neighbour" not in record
+    assert "neighbour_rouge" not in record["metrics"]["before"]
