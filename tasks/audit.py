@@ -172,6 +172,7 @@ def audit_request(
         "codeunlearn.request_id": request_id,
         "codeunlearn.audit.passed": str(verdict["passed"]).lower(),
         "codeunlearn.audit.failed": ",".join(verdict["failed"]) or "none",
+        "codeunlearn.audit.outcome": verdict["outcome"],
         "codeunlearn.audit.record_sha256": record["record_sha256"],
     }
     with tracking.stage_run(ctx, "audit") as run:
@@ -190,6 +191,7 @@ def audit_request(
     return {
         "passed": verdict["passed"],
         "failed": verdict["failed"],
+        "outcome": verdict["outcome"],
         "record": str(record_path),
         "record_sha256": record["record_sha256"],
         "mlflow_run_id": audit_run_id,

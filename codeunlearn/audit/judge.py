@@ -20,12 +20,18 @@ class Thresholds:
     max_quant_recovery: float | None = 0.2  # forget ROUGE gained by 4-bit re-quantization
     max_relearn_recovery: float | None = 0.3  # held-out forget ROUGE gained by the relearning attack
     min_utility_ratio: float | None = 0.9  # TOFU model utility (retain, real authors, world facts) after / before
+    # forget ROUGE before the request below which there was nothing to forget; None (records and callers
+    # that predate it) leaves the check out of the verdict
+    min_known: float | None = None
 
     @classmethod
     def from_settings(cls, block: Mapping[str, Any] | None) -> Thresholds:
         block = block or {}
         return cls(**{name: block.get(name, default) for name, default in asdict(cls()).items()})
 
+
+NOT_KNOWN = "not known before: nothing to prove"  # the outcome when the forget set was not known before
+KNOWN_CHECK = "known_before"
 
 # check name -> (threshold field, comparison); "le": value <= threshold, "ge": value >= threshold
 CHECKS: dict[str, tuple[str, str]] = {
@@ -50,7 +56,8 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
         {"before": {"forget_rouge", "retain_rouge", "model_utility"}, "after": {...},
          "quantization": {"rtn_w4_g64": {"recovery", ...}, ...}, "relearn": {"recovery", ...}}
 
-    ``retain_ratio`` is retain after / before (1.0 when before is 0), ``utility_ratio`` the same for
+    ``forget_rouge_before`` is what the knowledge-present check reads; ``retain_ratio`` is retain after /
+    before (1.0 when before is 0), ``utility_ratio`` the same for
     model utility; ``quant_recovery`` is the worst
     (largest) recovery over the quantized rows. A block that is absent gives ``None``.
     """
@@ -71,12 +78,37 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     recoveries = [r for r in recoveries if r is not None]
     relearn = metrics.get("relearn") or {}
     return {
+        "forget_rouge_before": _number(before.get("forget_rouge")),
         "forget_rouge": _number(after.get("forget_rouge")),
         "retain_ratio": ratio("retain_rouge"),
         "utility_ratio": ratio("model_utility"),
         "quant_recovery": max(recoveries) if recoveries else None,
         "relearn_recovery": _number(relearn.get("recovery")) if isinstance(relearn, Mapping) else None,
     }
+
+
+def known_check(values: Mapping[str, float | None], thresholds: Thresholds) -> dict[str, Any] | None:
+    """Was the forget set known before the request (forget ROUGE before >= ``min_known``)? A request that
+    erased nothing the model knew proves nothing: its outcome is ``NOT_KNOWN``, not a pass. ``None`` when
+    ``min_known`` is off."""
+    threshold = thresholds.min_known
+    if threshold is None:
+        return None
+    value = _number(values.get("forget_rouge_before"))
+    check: dict[str, Any] = {"check": KNOWN_CHECK, "value": value, "threshold": threshold, "op": "ge"}
+    if value is None:
+        return {**check, "status": "fail", "passed": False, "reason": "not measured"}
+    if value < threshold:
+        return {**check, "status": "not_known", "passed": False, "reason": NOT_KNOWN}
+    return {**check, "status": "pass", "passed": True}
+
+
+def outcome(checks: Iterable[Mapping[str, Any]]) -> str:
+    """ "pass", "fail", or ``NOT_KNOWN`` when the knowledge-present check says so (whatever else failed)."""
+    checks = list(checks)
+    if any(c.get("status") == "not_known" for c in checks):
+        return NOT_KNOWN
+    return "fail" if any(c["passed"] is False for c in checks) else "pass"
 
 
 def judge(
@@ -89,9 +121,12 @@ def judge(
     it with the reason it was deliberately not run (e.g. the relearning attack turned off).
 
     ``extra_checks`` (``{"check", "passed", "reason"}``, e.g. integrity checks) join the verdict as is.
+    With ``min_known`` set, the knowledge-present check (``known_check``) comes first; the verdict's
+    ``outcome`` is "pass", "fail" or ``NOT_KNOWN``.
     """
     skipped = dict(skipped or {})
-    checks: list[dict[str, Any]] = []
+    known = known_check(values, thresholds)
+    checks: list[dict[str, Any]] = [known] if known is not None else []
     for name, (field_name, op) in CHECKS.items():
         threshold = getattr(thresholds, field_name)
         value = _number(values.get(name))
@@ -110,4 +145,4 @@ def judge(
         passed = bool(extra["passed"])
         checks.append({**extra, "passed": passed, "status": "pass" if passed else "fail"})
     failed = [c["check"] for c in checks if c["passed"] is False]
-    return {"passed": not failed, "failed": failed, "checks": checks}
+    return {"passed": not failed, "failed": failed, "outcome": outcome(checks), "checks": checks}

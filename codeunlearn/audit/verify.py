@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from codeunlearn.audit.judge import NOT_KNOWN
 from codeunlearn.audit.record import SCHEMA, canonical_json, json_safe, record_sha256
 from codeunlearn.io import sha256_file
 
@@ -80,13 +81,19 @@ def verify_record(record: Mapping[str, Any], local_copy: Mapping[str, Any] | Non
     return Verification(holds=not problems, problems=problems, artifacts=checks)
 
 
+def _verdict_word(verdict: Mapping[str, Any]) -> str:
+    if verdict.get("outcome") == NOT_KNOWN:
+        return NOT_KNOWN.upper()
+    return "PASSED" if verdict.get("passed") else "FAILED"
+
+
 def format_verification(record: Mapping[str, Any], result: Verification) -> str:
     """Human-readable report of a verification (hashes and paths only)."""
     verdict = record.get("verdict") or {}
     lines = [
         f"audit record {record.get('request_id')} ({record.get('method')}, {record.get('created_at')})",
         f"  record_sha256 {record.get('record_sha256')}",
-        f"  thresholds at request time: {'PASSED' if verdict.get('passed') else 'FAILED'}"
+        f"  thresholds at request time: {_verdict_word(verdict)}"
         + (f" ({', '.join(verdict.get('failed', []))})" if verdict.get("failed") else ""),
     ]
     for check in result.artifacts:

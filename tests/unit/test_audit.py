@@ -53,6 +53,40 @@ def test_judge_passes_fails_and_skips_per_threshold():
     assert integrity["failed"] == ["mask"]
 
 
+def _known(before: float) -> dict:
+    return judged_values({"before": {"forget_rouge": before}, "after": {"forget_rouge": 0.0}})
+
+
+def test_a_forget_set_not_known_before_has_nothing_to_prove():
+    from codeunlearn.audit.judge import NOT_KNOWN
+
+    thresholds = Thresholds(1.0, None, None, None, None, min_known=0.3)
+    verdict = judge(_known(0.2), thresholds)
+    assert not verdict["passed"] and verdict["outcome"] == NOT_KNOWN, "not known is never a pass"
+    assert verdict["failed"] == ["known_before"] and verdict["checks"][0]["status"] == "not_known"
+
+
+def test_a_forget_set_known_before_is_judged_as_usual():
+    thresholds = Thresholds(0.5, None, None, None, None, min_known=0.3)
+    verdict = judge(_known(0.3), thresholds)
+    assert verdict["passed"] and verdict["outcome"] == "pass"
+    assert verdict["checks"][0] == {
+        "check": "known_before",
+        "value": 0.3,
+        "threshold": 0.3,
+        "op": "ge",
+        "status": "pass",
+        "passed": True,
+    }
+    failing = judge({**_known(0.9), "forget_rouge": 0.6}, thresholds)
+    assert failing["outcome"] == "fail" and failing["failed"] == ["forget_rouge"]
+
+
+def test_min_known_off_leaves_the_check_out():
+    verdict = judge(_known(0.0), Thresholds(1.0, None, None, None, None))
+    assert "known_before" not in {c["check"] for c in verdict["checks"]} and verdict["passed"]
+
+
 def test_thresholds_come_from_params_yaml():
     from tasks.context import make_context
 

@@ -249,3 +249,16 @@ def test_without_a_neighbour_file_the_record_has_no_neighbour_block(tiny_request
     record = json.loads(Path(tiny_request[3]["audit"]["record"]).read_text())
     assert "neighbour" not in record
     assert "neighbour_rouge" not in record["metrics"]["before"]
+
+
+def test_a_request_on_a_forget_set_the_model_never_knew_is_not_a_pass(tmp_path):
+    from codeunlearn.audit.judge import NOT_KNOWN
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    # The untrained tiny model answers nothing of the forget set: its forget ROUGE before is far below 0.99.
+    params_file, forget_file = build_tiny_setup(tmp_path, {"audit": {"min_known": 0.99}})
+    result = run_request(params_file, forget_file)
+    record = json.loads(Path(result["audit"]["record"]).read_text())
+    assert record["verdict"]["outcome"] == NOT_KNOWN and record["verdict"]["passed"] is False
+    assert result["audit"]["outcome"] == NOT_KNOWN and "known_before" in result["audit"]["failed"]
+    assert record["thresholds"]["min_known"] == 0.99
