@@ -58,3 +58,12 @@ def load_settings(path: Path, profile: str | None = None, overrides: Mapping[str
 def settings_hash(settings: Mapping[str, Any]) -> str:
     """Stable identity of a configuration, recorded with every artifact it produced."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+RETAIN_SPLIT = Path("splits") / "retain.jsonl"  # under a profile's outputs: the pipeline's retain split
+
+
+def profile_outputs(settings: Mapping[str, Any], root: Path) -> Path:
+    """``<paths.outputs>/<profile>``, a relative ``paths.outputs`` taken from ``root`` (the repository)."""
+    outputs = Path(settings["paths"]["outputs"])
+    return (outputs if outputs.is_absolute() else (root / outputs).resolve()) / settings["profile"]

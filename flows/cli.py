@@ -55,6 +55,27 @@ def _read_request_files(
     return str(forget.kind)
 
 
+def _check_against_profile(forget_file: str, profile: str | None, params: str | None) -> None:
+    """The forget set against the profile's retain split (the request's Great Expectations suite), still
+    before Prefect, MLflow or torch: a rejected request exits with code 2 and writes nothing anywhere."""
+    from codeunlearn.config import RETAIN_SPLIT, load_settings, profile_outputs
+    from codeunlearn.data.records import DataError, read_jsonl_records
+    from codeunlearn.data.tofu import load_qa_file
+    from codeunlearn.data.validation import check_request
+    from codeunlearn.data.validation_report import ForgetSetValidationError
+
+    settings = load_settings(Path(params) if params else PARAMS_FILE, profile)
+    split = profile_outputs(settings, PARAMS_FILE.parent) / RETAIN_SPLIT
+    if not split.is_file():
+        typer.echo(f"error: {split}: no retain split; run the pipeline for this profile first", err=True)
+        raise typer.Exit(code=2)
+    try:
+        check_request(load_qa_file(forget_file), read_jsonl_records(split), settings["validation"], forget_file)
+    except (DataError, ForgetSetValidationError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+
+
 @app.command()
 def forget(
     forget_file: str = typer.Option(
@@ -77,6 +98,7 @@ def forget(
             err=True,
         )
         raise typer.Exit(code=2)
+    _check_against_profile(forget_file, profile, params)
     # Only now the heavy imports: Prefect, torch, transformers and MLflow come with the flow.
     from codeunlearn.data.records import DataError
     from codeunlearn.data.validation_report import ForgetSetValidationError

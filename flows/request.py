@@ -9,7 +9,7 @@ from prefect import flow
 from tasks import tracking
 from tasks.audit import audit_request
 from tasks.context import make_context
-from tasks.request import evaluate_request, load_request, register_request, unlearn_request
+from tasks.request import check_request_file, evaluate_request, load_request, register_request, unlearn_request
 
 
 @flow(name="codeunlearn-request")
@@ -28,8 +28,9 @@ def unlearn(
     (``select.control_authors``).
     """
     ctx = make_context(profile, Path(params_file) if params_file else None)
+    checked = check_request_file(ctx, forget_file)  # a rejected request stops before MLflow or any folder
     with tracking.flow_run(ctx, f"request-{method}") as run_ctx:
-        request = load_request(run_ctx, forget_file)
+        request = load_request(run_ctx, forget_file, checked)
         unlearned = unlearn_request(run_ctx, forget_file, method, request, retain_file)
         metrics = evaluate_request(run_ctx, forget_file, method, request, retain_file)
         version = register_request(run_ctx, method, request, unlearned)

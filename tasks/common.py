@@ -19,7 +19,7 @@ from codeunlearn.data.forget_files import RecordKind, load_record_file
 from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
 from codeunlearn.data.records import QARecord
 from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
-from codeunlearn.data.validation_report import require_valid
+from codeunlearn.data.validation_report import ValidationReport, require_valid
 from codeunlearn.eval.suite import Suite, muse_run, relearn_spec
 from codeunlearn.io import atomic_write_text, read_json, write_json
 from codeunlearn.methods import UnlearnResult, get_method
@@ -176,10 +176,18 @@ def audit_attacks(
 
 
 def check_forget_retain(
-    ctx: RunContext, forget: list[QARecord], retain: list[QARecord], source: str, out_dir: Path
+    ctx: RunContext,
+    forget: list[QARecord],
+    retain: list[QARecord],
+    source: str,
+    out_dir: Path,
+    report: ValidationReport | None = None,
 ) -> dict:
-    """Validate, log the outcome (ids and expectation names only), write the report only when it passes."""
-    report = validate_forget_retain(forget, retain, ValidationBounds(**ctx.settings["validation"]), source=source)
+    """Validate (unless ``report`` already holds the outcome), log the outcome (ids and expectation names
+    only), write the report only when it passes."""
+    if report is None:
+        bounds = ValidationBounds(**ctx.settings["validation"])
+        report = validate_forget_retain(forget, retain, bounds, source=source)
     with tracking.stage_run(ctx, "validate_forget_set"):
         tracking.log_metrics({f"validation.{k}": v for k, v in report.statistics.items()})
         tracking.log_metrics({"validation.success": float(report.success)})

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from codeunlearn.config import load_settings, settings_hash
+from codeunlearn.config import load_settings, profile_outputs, settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.data.splits import split_retain_by_author
 from codeunlearn.data.tofu import load_tofu_file
@@ -69,7 +69,7 @@ class RunContext:
 
     @property
     def out_dir(self) -> Path:
-        return self.resolve(self.settings["paths"]["outputs"]) / self.profile
+        return profile_outputs(self.settings, self.root)
 
     @property
     def cache_dir(self) -> Path:

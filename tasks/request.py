@@ -13,8 +13,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
+from codeunlearn.config import RETAIN_SPLIT
 from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.data.tofu import load_qa_file
+from codeunlearn.data.validation import check_request
+from codeunlearn.data.validation_report import ValidationReport
 from codeunlearn.io import write_json
 from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import request_scores
@@ -37,14 +40,24 @@ def deployed_state(ctx: RunContext, method: str, request_id: str) -> Path:
     return get_method(method).deployed_state(requests_dir(ctx), requests_dir(ctx) / request_id)
 
 
-@task(name="load_request", cache_policy=NONE)
-def load_request(ctx: RunContext, forget_file: str) -> dict:
-    """Read and validate the forget file against the retain split; a bad file stops here, writing nothing."""
+def check_request_file(ctx: RunContext, forget_file: str) -> ValidationReport:
+    """The forget file against the profile's retain split, before any run is opened or folder made: a
+    rejected request raises here and writes nothing (the flow's first step, before tracking starts)."""
     forget = load_qa_file(forget_file)
-    retain = read_jsonl_records(ctx.stage_dir("splits") / "retain.jsonl")
+    retain = read_jsonl_records(ctx.out_dir / RETAIN_SPLIT)
+    return check_request(forget, retain, ctx.settings["validation"], forget_file)
+
+
+@task(name="load_request", cache_policy=NONE)
+def load_request(ctx: RunContext, forget_file: str, checked: ValidationReport | None = None) -> dict:
+    """Read the forget file and record its validation against the retain split (``checked``, the report of
+    ``check_request_file``, or validated here); a bad file stops here."""
+    forget = load_qa_file(forget_file)
+    retain = read_jsonl_records(ctx.out_dir / RETAIN_SPLIT)
     sha = records_sha256(forget)
     request_id = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{sha[:8]}"
-    report = check_forget_retain(ctx, forget, retain, forget_file, requests_dir(ctx) / request_id / "validation")
+    out = requests_dir(ctx) / request_id / "validation"
+    report = check_forget_retain(ctx, forget, retain, forget_file, out, checked)
     return {"request_id": request_id, "forget_sha256": sha, "forget_count": len(forget), "validation": report}
 
 

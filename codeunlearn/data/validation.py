@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from codeunlearn.data.records import normalize_text
-from codeunlearn.data.validation_report import ExpectationFailure, ValidationReport
+from codeunlearn.data.validation_report import ExpectationFailure, ValidationReport, require_valid
 
 REQUIRED_COLUMNS = ("id", "question", "answer", "subject")
 TEXT_COLUMNS = ("id", "question", "answer")
@@ -339,3 +339,14 @@ def validate_forget_retain(
         checks=checks,
         source=source,
     )
+
+
+def check_request(
+    forget: Sequence[Any], retain: Sequence[Any], bounds: Mapping[str, Any], source: str
+) -> ValidationReport:
+    """A request's forget set against the profile's retain split (``validation:`` in params.yaml as
+    ``bounds``): the report, or ``ForgetSetValidationError`` naming every failed expectation. Writes
+    nothing (the GX context is ephemeral), so it runs before any run is opened or folder made."""
+    report = validate_forget_retain(forget, retain, ValidationBounds(**bounds), source=source)
+    require_valid(report, source)
+    return report
