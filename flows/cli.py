@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from codeunlearn.data.forget_files import RecordFile
 
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -30,10 +34,10 @@ def pipeline(
 
 def _read_request_files(
     forget_file: str, retain_file: str | None, kind: str, profile: str | None, params: str | None
-) -> str:
+) -> RecordFile:
     """Read and check the request's files with nothing heavier than the data library: no torch, no
     transformers, no Prefect, no MLflow, so a bad file is refused in about a second and writes nothing.
-    Returns the forget file's record kind; a bad file, kind or params exit with code 2."""
+    Returns the forget file; a bad file, kind or params exit with code 2."""
     from codeunlearn.config import ConfigError, load_settings
     from codeunlearn.data.forget_files import RecordKind, read_request_files
     from codeunlearn.data.records import DataError
@@ -52,15 +56,15 @@ def _read_request_files(
     except (DataError, ConfigError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
-    return str(forget.kind)
+    return forget
 
 
-def _check_against_profile(forget_file: str, profile: str | None, params: str | None) -> None:
+def _check_against_profile(forget: RecordFile, profile: str | None, params: str | None) -> None:
     """The forget set against the profile's retain split (the request's Great Expectations suite), still
     before Prefect, MLflow or torch: a rejected request exits with code 2 and writes nothing anywhere."""
     from codeunlearn.config import RETAIN_SPLIT, load_settings, profile_outputs
+    from codeunlearn.data.forget_files import unlearning_records
     from codeunlearn.data.records import DataError, read_jsonl_records
-    from codeunlearn.data.tofu import load_qa_file
     from codeunlearn.data.validation import check_request
     from codeunlearn.data.validation_report import ForgetSetValidationError
 
@@ -70,8 +74,22 @@ def _check_against_profile(forget_file: str, profile: str | None, params: str | 
         typer.echo(f"error: {split}: no retain split; run the pipeline for this profile first", err=True)
         raise typer.Exit(code=2)
     try:
-        check_request(load_qa_file(forget_file), read_jsonl_records(split), settings["validation"], forget_file)
+        retain = read_jsonl_records(split)
+        check_request(unlearning_records(forget), retain, settings["validation"], str(forget.path))
     except (DataError, ForgetSetValidationError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+
+
+def _check_method(method: str, forget: RecordFile) -> None:
+    """A known method that unlearns the file's record kind, still before Prefect or MLflow (the method
+    registry brings torch, so this runs only once the files are known to be good)."""
+    from codeunlearn.data.records import DataError
+    from codeunlearn.methods import get_method
+
+    try:
+        get_method(method).check_record_kind(str(forget.kind), str(forget.path))
+    except (DataError, KeyError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
 
@@ -90,15 +108,9 @@ def forget(
     params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
 ) -> None:
     """Validate the forget (and retain) file, unlearn it, evaluate, and register the new model version."""
-    found = _read_request_files(forget_file, retain_file, kind, profile, params)
-    if found != "qa":
-        typer.echo(
-            f"error: {forget_file}: a valid {found} file, but a request unlearns QA records only "
-            "(passage and multiple-choice requests are not wired into the request flow yet)",
-            err=True,
-        )
-        raise typer.Exit(code=2)
-    _check_against_profile(forget_file, profile, params)
+    forget = _read_request_files(forget_file, retain_file, kind, profile, params)
+    _check_against_profile(forget, profile, params)
+    _check_method(method, forget)
     # Only now the heavy imports: Prefect, torch, transformers and MLflow come with the flow.
     from codeunlearn.data.records import DataError
     from codeunlearn.data.validation_report import ForgetSetValidationError
@@ -106,7 +118,12 @@ def forget(
 
     try:
         result = unlearn(
-            forget_file=forget_file, method=method, profile=profile, params_file=params, retain_file=retain_file
+            forget_file=forget_file,
+            method=method,
+            profile=profile,
+            params_file=params,
+            retain_file=retain_file,
+            kind=str(forget.kind),
         )
     except (DataError, ForgetSetValidationError, FileNotFoundError, KeyError) as err:
         typer.echo(f"error: {err}", err=True)

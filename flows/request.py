@@ -19,8 +19,10 @@ def unlearn(
     profile: str | None = None,
     params_file: str | None = None,
     retain_file: str | None = None,
+    kind: str | None = None,
 ) -> dict:
-    """Forget the QAs in ``forget_file`` on the profile's trained models (run the pipeline once first).
+    """Forget the records in ``forget_file`` on the profile's trained models (run the pipeline once first):
+    QAs, passages or multiple-choice questions (``kind``, or detected from the file's first row).
 
     ``retain_file``, the user's neighbour set, was checked by the CLI (alone and against the forget
     file); split as ``request.neighbour_split`` says, one part is the method's control and calibration,
@@ -28,9 +30,9 @@ def unlearn(
     (``select.control_authors``).
     """
     ctx = make_context(profile, Path(params_file) if params_file else None)
-    checked = check_request_file(ctx, forget_file)  # a rejected request stops before MLflow or any folder
+    checked = check_request_file(ctx, forget_file, method, kind)  # a rejected request stops before MLflow or any folder
     with tracking.flow_run(ctx, f"request-{method}") as run_ctx:
-        request = load_request(run_ctx, forget_file, checked)
+        request = load_request(run_ctx, forget_file, checked, kind)
         unlearned = unlearn_request(run_ctx, forget_file, method, request, retain_file)
         metrics = evaluate_request(run_ctx, forget_file, method, request, retain_file)
         version = register_request(run_ctx, method, request, unlearned)

@@ -40,12 +40,20 @@ from codeunlearn.audit.record import (
     split_version,
     write_once,
 )
-from codeunlearn.data.tofu import load_qa_file
 from codeunlearn.io import read_json
 from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import flatten_metrics
 from tasks import tracking
-from tasks.common import audit_attacks, deploy, model_dir, neighbour_sets, requests_dir, retain_eval, tag_version
+from tasks.common import (
+    audit_attacks,
+    deploy,
+    forget_records,
+    model_dir,
+    neighbour_sets,
+    requests_dir,
+    retain_eval,
+    tag_version,
+)
 from tasks.context import RunContext, torch_threads
 
 REQUEST_FILES = ("unlearn.json", "metrics.json", "validation/report.json")  # a request's own files a record hashes
@@ -120,7 +128,7 @@ def audit_request(
                 f"{state}: the deployed state changed since request {request_id} wrote it "
                 "(another request ran in between); its audit record would not describe the deployed model"
             )
-    forget = load_qa_file(forget_file)
+    forget = forget_records(ctx, forget_file, request.get("forget_kind"))
     retain = retain_eval(ctx)
     started = time.perf_counter()
     with torch_threads(ctx.settings["evaluate"].get("threads")):
@@ -147,7 +155,7 @@ def audit_request(
         profile=ctx.profile,
         params_hash=ctx.params_hash,
         git_commit=ctx.git_commit,
-        forget=forget_summary(forget_file, forget),
+        forget={**forget_summary(forget_file, forget), "kind": request.get("forget_kind", "qa")},
         models=models,
         metrics=all_metrics,
         thresholds=AuditSettings.from_settings(ctx.settings.get("audit")).thresholds,

@@ -15,7 +15,7 @@ from codeunlearn.attacks.quantize import quantization_specs
 from codeunlearn.audit.attacks import AuditSettings, attack_metrics
 from codeunlearn.audit.record import split_version
 from codeunlearn.checkpoints import load_checkpoint
-from codeunlearn.data.forget_files import RecordKind, load_record_file
+from codeunlearn.data.forget_files import RecordFile, RecordKind, check_unique, load_record_file, unlearning_records
 from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
 from codeunlearn.data.records import QARecord
 from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
@@ -139,6 +139,18 @@ def retain_eval(ctx: RunContext) -> list:
     return evenly_spaced(ctx.retain_split()[1], ctx.settings["evaluate"]["retain_eval_size"])
 
 
+def read_forget_file(ctx: RunContext, forget_file: str, kind: str | None = None) -> RecordFile:
+    """A request's forget file, of ``kind`` or of the kind its first row shows, checked for repeats."""
+    records = load_record_file(forget_file, kind, ctx.settings["forget_set"]["max_bytes"])
+    check_unique(records)
+    return records
+
+
+def forget_records(ctx: RunContext, forget_file: str, kind: str | None = None) -> list[Any]:
+    """What a method unlearns and the validation checks from a forget file (``unlearning_records``)."""
+    return unlearning_records(read_forget_file(ctx, forget_file, kind))
+
+
 def neighbour_sets(ctx: RunContext, retain_file: str | None) -> tuple[list[QARecord], list[QARecord]] | None:
     """(control, held_out) of the request's neighbour file, split as ``request.neighbour_split`` says;
     ``None`` without a neighbour file (the profile's retain split is the control then)."""
@@ -169,6 +181,7 @@ def audit_attacks(
         relearn_spec(ctx.settings["evaluate"], ctx.settings["seed"]),
         ctx.eval_spec().generation,
         ctx.progress,
+        ctx.eval_spec().passage,
     )
 
 

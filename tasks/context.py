@@ -18,7 +18,7 @@ from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.data.splits import split_retain_by_author
 from codeunlearn.data.tofu import load_tofu_file
 from codeunlearn.methods import get_method
-from codeunlearn.metrics.sets import EvalSets, EvalSpec, evenly_spaced, truth_ratio_records
+from codeunlearn.metrics.sets import EvalSets, EvalSpec, PassageSpec, evenly_spaced, truth_ratio_records
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class RunContext:
             score_batch_size=cfg["score_batch_size"],
             max_length=cfg["max_length"],
             min_k=cfg["mia"]["min_k"],
+            passage=PassageSpec(**self.settings["forget_set"]["passage"]),
         )
 
     def utility_sets(self) -> EvalSets:

@@ -14,8 +14,8 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from codeunlearn.config import RETAIN_SPLIT
+from codeunlearn.data.forget_files import unlearning_records
 from codeunlearn.data.records import read_jsonl_records, records_sha256
-from codeunlearn.data.tofu import load_qa_file
 from codeunlearn.data.validation import check_request
 from codeunlearn.data.validation_report import ValidationReport
 from codeunlearn.io import write_json
@@ -26,9 +26,11 @@ from tasks import tracking
 from tasks.common import (
     check_forget_retain,
     deploy,
+    forget_records,
     load_role,
     model_dir,
     neighbour_sets,
+    read_forget_file,
     request_control,
     requests_dir,
     run_method,
@@ -40,25 +42,36 @@ def deployed_state(ctx: RunContext, method: str, request_id: str) -> Path:
     return get_method(method).deployed_state(requests_dir(ctx), requests_dir(ctx) / request_id)
 
 
-def check_request_file(ctx: RunContext, forget_file: str) -> ValidationReport:
-    """The forget file against the profile's retain split, before any run is opened or folder made: a
-    rejected request raises here and writes nothing (the flow's first step, before tracking starts)."""
-    forget = load_qa_file(forget_file)
+def check_request_file(ctx: RunContext, forget_file: str, method: str, kind: str | None = None) -> ValidationReport:
+    """The forget file against the profile's retain split, and its record kind against what the method
+    unlearns, before any run is opened or folder made: a rejected request raises here and writes nothing
+    (the flow's first step, before tracking starts)."""
+    records = read_forget_file(ctx, forget_file, kind)
+    get_method(method).check_record_kind(records.kind, forget_file)
     retain = read_jsonl_records(ctx.out_dir / RETAIN_SPLIT)
-    return check_request(forget, retain, ctx.settings["validation"], forget_file)
+    return check_request(unlearning_records(records), retain, ctx.settings["validation"], forget_file)
 
 
 @task(name="load_request", cache_policy=NONE)
-def load_request(ctx: RunContext, forget_file: str, checked: ValidationReport | None = None) -> dict:
+def load_request(
+    ctx: RunContext, forget_file: str, checked: ValidationReport | None = None, kind: str | None = None
+) -> dict:
     """Read the forget file and record its validation against the retain split (``checked``, the report of
     ``check_request_file``, or validated here); a bad file stops here."""
-    forget = load_qa_file(forget_file)
+    records = read_forget_file(ctx, forget_file, kind)
+    forget = unlearning_records(records)
     retain = read_jsonl_records(ctx.out_dir / RETAIN_SPLIT)
     sha = records_sha256(forget)
     request_id = f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{sha[:8]}"
     out = requests_dir(ctx) / request_id / "validation"
     report = check_forget_retain(ctx, forget, retain, forget_file, out, checked)
-    return {"request_id": request_id, "forget_sha256": sha, "forget_count": len(forget), "validation": report}
+    return {
+        "request_id": request_id,
+        "forget_sha256": sha,
+        "forget_count": len(forget),
+        "forget_kind": str(records.kind),
+        "validation": report,
+    }
 
 
 @task(name="unlearn_request", cache_policy=NONE)
@@ -67,7 +80,7 @@ def unlearn_request(
 ) -> dict:
     """Run the method from the deployed model and save its result (a cumulative one adds to the deployed
     state). Its control and calibration: the neighbour file's control part, else the profile's."""
-    forget = load_qa_file(forget_file)
+    forget = forget_records(ctx, forget_file, request["forget_kind"])
     retain = request_control(ctx, retain_file)
     out = requests_dir(ctx) / request["request_id"]
     provenance = {"request_id": request["request_id"], "params_hash": ctx.params_hash}
@@ -91,8 +104,9 @@ def evaluate_request(
     ctx: RunContext, forget_file: str, method: str, request: dict, retain_file: str | None = None
 ) -> dict:
     """Forget ROUGE on the request's own forget set beside model utility (retain, real authors, world
-    facts: ROUGE, Prob, truth ratio) and the neighbour file's held-out part (ROUGE, Prob), before and after."""
-    forget = load_qa_file(forget_file)
+    facts: ROUGE, Prob, truth ratio) and the neighbour file's held-out part (ROUGE, Prob), before and after.
+    What the forget records' scores are depends on their kind (``metrics.scoring.request_scores``)."""
+    forget = read_forget_file(ctx, forget_file, request["forget_kind"]).records
     neighbours = neighbour_sets(ctx, retain_file)
     held_out = neighbours[1] if neighbours is not None else ()
     utility = ctx.utility_sets()

@@ -23,12 +23,20 @@ from codeunlearn.audit.judge import judge, judged_values
 from codeunlearn.audit.record import AUDIT_FILE, json_safe, record_sha256, write_once
 from codeunlearn.audit.verify import verify_record
 from codeunlearn.data.records import records_sha256
-from codeunlearn.data.tofu import load_qa_file
 from codeunlearn.io import read_json
 from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import flatten_metrics, request_scores
 from tasks import tracking
-from tasks.common import audit_attacks, deploy, model_dir, registered_name, requests_dir, retain_eval, tag_version
+from tasks.common import (
+    audit_attacks,
+    deploy,
+    forget_records,
+    model_dir,
+    registered_name,
+    requests_dir,
+    retain_eval,
+    tag_version,
+)
 from tasks.context import RunContext, torch_threads
 
 REVERIFY_DIR = "reverify"
@@ -101,7 +109,7 @@ def reverify_model(ctx: RunContext, latest: dict, forget_file: str | None = None
     if not path or not Path(path).is_file():
         checks.append({"check": "forget_set_available", "passed": False, "reason": f"forget file {path} not found"})
     else:
-        forget = load_qa_file(path)
+        forget = forget_records(ctx, path, (record or {}).get("forget", {}).get("kind"))
         expected = latest["tags"].get("codeunlearn.forget_sha256")
         checks.append(
             {

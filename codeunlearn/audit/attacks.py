@@ -15,10 +15,12 @@ from torch import nn
 from codeunlearn.attacks.quantize import QuantizationSpec, quantized_copy
 from codeunlearn.attacks.relearn import relearn_attack
 from codeunlearn.audit.judge import Thresholds
+from codeunlearn.data.forget_files import PassageRecord
 from codeunlearn.lm.training import TrainSpec
+from codeunlearn.metrics.passage import passage_verbmem
 from codeunlearn.metrics.recovery import recovery
-from codeunlearn.metrics.scoring import forget_retain_rouge
-from codeunlearn.metrics.sets import GenerationSpec
+from codeunlearn.metrics.scoring import forget_retain_rouge, split_rouge
+from codeunlearn.metrics.sets import GenerationSpec, PassageSpec
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,19 @@ def attack_metrics(
     relearn: TrainSpec,
     generation: GenerationSpec,
     progress: bool = False,
+    passage: PassageSpec | None = None,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """RTN re-quantization and, if enabled, the relearning attack, on the model as deployed; ``full`` is
-    its full-precision forget/retain ROUGE. Returns (metrics, skipped reasons)."""
+    its full-precision forget/retain ROUGE. Passage records (``passage``: how they are scored) are scored
+    by their VerbMem continuation ROUGE, as the request's ``forget_rouge`` is. Returns (metrics, skipped
+    reasons)."""
     metrics: dict[str, Any] = {"quantization": {}}
     skipped: dict[str, str] = {}
     qspec = QuantizationSpec("rtn", settings.quant_bits, settings.quant_group_size)
     name = f"rtn_w{qspec.bits}_g{qspec.group_size}"
     clone, record = quantized_copy(model, qspec)
     try:
-        quantized = forget_retain_rouge(clone, tokenizer, forget, retain, generation) if forget else None
+        quantized = _forget_retain(clone, tokenizer, forget, retain, generation, passage) if forget else None
     finally:
         del clone
     if quantized is None:
@@ -77,8 +82,29 @@ def attack_metrics(
         }
     if not settings.relearn:
         skipped["relearn_recovery"] = "audit.relearn is false"
+    elif any(isinstance(record, PassageRecord) for record in forget):
+        skipped["relearn_recovery"] = "the relearning attack scores held-out QAs; a passage request has none"
     elif len(forget) < 2:
         skipped["relearn_recovery"] = f"the relearning attack needs at least 2 forget records, got {len(forget)}"
     else:
         metrics["relearn"] = relearn_attack(model, tokenizer, forget, relearn, generation, progress)
     return metrics, skipped
+
+
+def _forget_retain(
+    model: nn.Module,
+    tokenizer: Any,
+    forget: Sequence[Any],
+    retain: Sequence[Any],
+    generation: GenerationSpec,
+    passage: PassageSpec | None,
+) -> dict[str, float]:
+    passages = [record.text for record in forget if isinstance(record, PassageRecord)]
+    if not passages:
+        return forget_retain_rouge(model, tokenizer, forget, retain, generation)
+    if passage is None:
+        raise ValueError("passage records need a PassageSpec (forget_set.passage in params.yaml)")
+    verbmem = passage_verbmem(
+        model, tokenizer, passages, passage.prompt_tokens, passage.continuation_tokens, generation.batch_size
+    )
+    return {"forget_rouge": verbmem, "retain_rouge": split_rouge(model, tokenizer, retain, generation)}

@@ -303,6 +303,16 @@ def read_request_files(
     return forget, retain
 
 
+# --------------------------------------------------------------------------- what a method unlearns
+
+
+def unlearning_records(records: RecordFile) -> list[QARecord | PassageRecord]:
+    """The records a method unlearns from a request file: QAs and passages as they are, a multiple-choice
+    question as a QA whose answer is its right option (``ChoiceRecord.as_qa``): the knowledge to remove is
+    which option is right, and the wrong ones stay in ``perturbed_answers``."""
+    return [record.as_qa() if isinstance(record, ChoiceRecord) else record for record in records.records]
+
+
 # --------------------------------------------------------------------------- benchmark QAs as choices
 
 

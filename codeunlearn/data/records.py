@@ -208,8 +208,12 @@ def read_jsonl_records(path: str | os.PathLike[str]) -> list[QARecord]:
 
 
 def records_sha256(records: Iterable[QARecord]) -> str:
-    """sha256 of a canonical JSON of (id, question, answer, subject) in order: the split's identity."""
-    payload = [[r.id, r.question, r.answer, r.subject] for r in records]
+    """sha256 of a canonical JSON of (id, question, answer, subject) in order: the split's identity
+    (a passage, which has no question, contributes (id, text, subject))."""
+    payload = [
+        [r.id, r.question, r.answer, r.subject] if hasattr(r, "question") else [r.id, r.text, r.subject]
+        for r in records
+    ]
     canonical = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -3,7 +3,8 @@
 One suite per split (forget, retain) runs on a pandas frame built from the records:
 
 * schema: the required columns exist; id/question/answer are present (not null), of type str and
-  non-blank; ids are unique within the split;
+  non-blank; ids are unique within the split. A passage set (``text`` records, no questions) is held to
+  the same checks on id/text, with the passage length bounds;
 * bounds: question and answer lengths, forget size in [min_forget, max_forget], retain size >= min_retain;
 * leakage: no normalised question (casefolded, whitespace collapsed) and no id of this split occurs in the
   other split. Each split's frame is checked against the other's values (a set-membership expectation),
@@ -34,6 +35,9 @@ from codeunlearn.data.validation_report import ExpectationFailure, ValidationRep
 
 REQUIRED_COLUMNS = ("id", "question", "answer", "subject")
 TEXT_COLUMNS = ("id", "question", "answer")
+# A passage set (documents to forget, ``forget_files.PassageRecord``) is checked on its text instead.
+PASSAGE_REQUIRED_COLUMNS = ("id", "text", "subject")
+PASSAGE_TEXT_COLUMNS = ("id", "text")
 NORMALIZED_QUESTION = "question_normalized"
 SPLIT_NAMES = ("forget", "retain")
 _NON_BLANK = r"\S"
@@ -50,12 +54,15 @@ class ValidationBounds:
     max_question_chars: int
     min_answer_chars: int
     max_answer_chars: int
+    min_passage_chars: int = 1
+    max_passage_chars: int = 1_000_000
 
     def __post_init__(self) -> None:
         pairs = {
             "forget size": (self.min_forget, self.max_forget),
             "question chars": (self.min_question_chars, self.max_question_chars),
             "answer chars": (self.min_answer_chars, self.max_answer_chars),
+            "passage chars": (self.min_passage_chars, self.max_passage_chars),
         }
         for name, (low, high) in pairs.items():
             if low < 0 or high < low:
@@ -87,7 +94,7 @@ def _frame(records: Sequence[Any]) -> pd.DataFrame:
     """Text columns hold str or null only, so GX string expectations never see odd objects; the
     value's type goes to ``<field>_type``. A field absent from every record gets no column."""
     columns: dict[str, list] = {}
-    for name in REQUIRED_COLUMNS:
+    for name in (*REQUIRED_COLUMNS, "text"):
         values = [_field_value(r, name) for r in records]
         if values and all(v is _ABSENT for v in values):
             continue
@@ -104,6 +111,10 @@ def _values(frame: pd.DataFrame, column: str) -> list[str]:
     return sorted({v for v in frame[column] if isinstance(v, str)})
 
 
+def _is_passages(frame: pd.DataFrame) -> bool:
+    return "text" in frame and "question" not in frame
+
+
 def _has_any_subject(frame: pd.DataFrame) -> bool:
     return "subject" in frame and any(isinstance(s, str) and s.strip() for s in frame["subject"])
 
@@ -118,7 +129,7 @@ def _meta(column: str | None, detail: str, safe_values: bool = False) -> dict:
 
 def _text_expectations(gxe: Any, frame: pd.DataFrame) -> list:
     out = []
-    for name in TEXT_COLUMNS:
+    for name in PASSAGE_TEXT_COLUMNS if _is_passages(frame) else TEXT_COLUMNS:
         if name not in frame:
             continue
         type_column = name + _TYPE_SUFFIX
@@ -146,6 +157,7 @@ def _length_expectations(gxe: Any, frame: pd.DataFrame, bounds: ValidationBounds
     limits = {
         "question": (bounds.min_question_chars, bounds.max_question_chars),
         "answer": (bounds.min_answer_chars, bounds.max_answer_chars),
+        "text": (bounds.min_passage_chars, bounds.max_passage_chars),
     }
     return [
         gxe.ExpectColumnValueLengthsToBeBetween(
@@ -196,8 +208,9 @@ def _suite_expectations(
     gxe: Any, split: str, frame: pd.DataFrame, other: pd.DataFrame, bounds: ValidationBounds
 ) -> list:
     other_split = next(s for s in SPLIT_NAMES if s != split)
+    required = PASSAGE_REQUIRED_COLUMNS if _is_passages(frame) else REQUIRED_COLUMNS
     columns = gxe.ExpectTableColumnsToMatchSet(
-        column_set=list(REQUIRED_COLUMNS), exact_match=False, meta=_meta(None, "required columns")
+        column_set=list(required), exact_match=False, meta=_meta(None, "required columns")
     )
     expectations = [columns, _size_expectation(gxe, split, bounds)]
     expectations += _text_expectations(gxe, frame) + _length_expectations(gxe, frame, bounds)

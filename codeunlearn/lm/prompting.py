@@ -72,9 +72,31 @@ def warn_truncated(count: int, total: int, max_length: int, setting: str) -> Non
         log.warning(message, count, total, setting, max_length)
 
 
+def encode_passage(tokenizer, text: str, max_length: int) -> list[EncodedQA]:
+    """A document to forget as consecutive windows of at most ``max_length`` tokens, each after BOS (as
+    text was seen in pre-training) with every token but BOS labelled: a passage is chunked, never cut."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    width = max_length - len(bos)
+    if width < 2:
+        raise ValueError(f"max_length={max_length} leaves fewer than 2 passage tokens per window")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = [ids[start : start + width] for start in range(0, len(ids), width)]
+    return [
+        EncodedQA(input_ids=[*bos, *window], labels=[IGNORE_INDEX] * len(bos) + list(window))
+        for window in windows
+        if len(bos) + len(window) >= 2  # one token after nothing has nothing to predict it from
+    ]
+
+
 def encode_qas(tokenizer, records: Sequence, max_length: int, setting: str = "max_length") -> list[EncodedQA]:
-    """``encode_qa`` of every record (anything with ``question`` and ``answer``), warning about cut ones."""
-    encoded = [encode_qa(tokenizer, r.question, r.answer, max_length) for r in records]
+    """Training and counting rows of every record: ``encode_qa`` of a QA (anything with ``question`` and
+    ``answer``), warning about cut ones; ``encode_passage``'s windows of a passage (anything with ``text``)."""
+    encoded: list[EncodedQA] = []
+    for record in records:
+        if hasattr(record, "text"):
+            encoded.extend(encode_passage(tokenizer, record.text, max_length))
+        else:
+            encoded.append(encode_qa(tokenizer, record.question, record.answer, max_length))
     warn_truncated(sum(e.truncated for e in encoded), len(encoded), max_length, setting)
     return encoded
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from codeunlearn.data.records import DataError
 from codeunlearn.models.load import Checkpoint, load_model_dir, save_model
 
 MODEL_FILES = ("*.safetensors", "*.json")  # what a saved model directory's audit entries hash
@@ -57,6 +58,9 @@ class UnlearningMethod(ABC):
     params_block: str | None = None  # params.yaml block of the method's params; None: methods.<name>
     saved_as: str = "model"  # the folder ``save`` writes the result to
     cumulative: bool = False  # requests add up on one deployed state instead of each starting afresh
+    # Record kinds a request may hold (``data.forget_files.RecordKind``): a multiple-choice question is
+    # unlearned as the QA of its right option, a passage as windows of its text, both by ``encode_qas``.
+    record_kinds: tuple[str, ...] = ("qa", "choice", "passage")
 
     def unlearn(
         self,
@@ -71,6 +75,16 @@ class UnlearningMethod(ABC):
 
     @abstractmethod
     def run(self, job: UnlearnJob) -> UnlearnResult: ...
+
+    def check_record_kind(self, kind: str, source: str) -> None:
+        """Refuse, naming the file, a request of a record kind this method cannot unlearn."""
+        if kind not in self.record_kinds:
+            able = sorted(name for name, method in METHODS.items() if kind in method.record_kinds)
+            raise DataError(
+                Path(source),
+                f"a {kind} request, but {self.name} unlearns {', '.join(self.record_kinds)} records only "
+                f"(methods that take {kind} records: {', '.join(able)})",
+            )
 
     # -- deployment ---------------------------------------------------------------------------------
 

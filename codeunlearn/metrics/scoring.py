@@ -33,10 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from codeunlearn.data.forget_files import ChoiceRecord, PassageRecord
 from codeunlearn.lm.generation import answer_token_logprobs, generate_answers, mean_nll
 from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.lm.training import to_device
 from codeunlearn.metrics import get_metric
+from codeunlearn.metrics.choice import choice_accuracy, choice_accuracy_norm, option_byte_lengths, option_loglikelihoods
+from codeunlearn.metrics.passage import passage_min_k, passage_verbmem
 from codeunlearn.metrics.sets import PARAPHRASE_SPLITS, EvalSets, EvalSpec, GenerationSpec, has_truth_ratio_data
 from codeunlearn.metrics.tofu import (
     UTILITY_SPLITS,
@@ -160,22 +163,63 @@ def request_scores(
     progress: bool = False,
     neighbour: Sequence[Any] = (),
 ) -> dict[str, float]:
-    """A request's numbers: forget ROUGE on its own QAs (which carry no perturbed answers) beside the
-    model utility of ``utility``'s retain / real-authors / world-facts sets and each set's ROUGE, Prob
-    and truth ratio, and, given the held-out part of a neighbour set, its ROUGE and answer probability
-    (``neighbour_rouge``, ``neighbour_prob``). One decoding pass serves all of them."""
+    """A request's numbers: forget ROUGE on its own records beside the model utility of ``utility``'s
+    retain / real-authors / world-facts sets and each set's ROUGE, Prob and truth ratio, and, given the
+    held-out part of a neighbour set, its ROUGE and answer probability (``neighbour_rouge``,
+    ``neighbour_prob``). One decoding pass serves every question.
+
+    The forget records' kind sets what ``forget_rouge`` is (``data.forget_files``): a QA's ROUGE-L recall
+    of the greedy answer; a multiple-choice question's, of its right option, beside ``forget_choice_acc``
+    and ``forget_choice_acc_norm`` (lm-eval's accuracy by the options' log-likelihood); a passage's,
+    MUSE's VerbMem continuation ROUGE over its windows (``spec.passage``), beside ``forget_min_k``, its
+    mean Min-K% membership score (higher = less like training data)."""
+    passages = [r for r in forget if isinstance(r, PassageRecord)]
+    choices = [r for r in forget if isinstance(r, ChoiceRecord)]
+    qas = [r.as_qa() if isinstance(r, ChoiceRecord) else r for r in forget if not isinstance(r, PassageRecord)]
     splits = {kind: records for kind, records in utility.tofu_splits().items() if kind != "forget"}
-    own = [*forget, *neighbour]
+    own = [*qas, *neighbour]
     questions = [r.question for r in own] + [r.question for records in splits.values() for r in records]
     generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
     row: dict[str, float] = {}
-    if forget:
-        row["forget_rouge"] = float(np.mean(rouge_l_recall(generated[: len(forget)], [r.answer for r in forget])))
+    if qas:
+        row["forget_rouge"] = float(np.mean(rouge_l_recall(generated[: len(qas)], [r.answer for r in qas])))
+    if choices:
+        row.update(_choice_scores(model, tokenizer, choices, spec, progress))
+    if passages:
+        row.update(_passage_scores(model, tokenizer, passages, spec, progress))
     if neighbour:
-        row.update(_neighbour_scores(model, tokenizer, neighbour, generated[len(forget) : len(own)], spec, progress))
+        row.update(_neighbour_scores(model, tokenizer, neighbour, generated[len(qas) : len(own)], spec, progress))
     if splits:
         row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(own) :], spec, progress)))
     return row
+
+
+def _choice_scores(
+    model: nn.Module, tokenizer: Any, records: Sequence[ChoiceRecord], spec: EvalSpec, progress: bool
+) -> dict[str, float]:
+    loglikelihoods = option_loglikelihoods(model, tokenizer, records, spec.score_batch_size, spec.max_length, progress)
+    answers = [r.answer for r in records]
+    return {
+        "forget_choice_acc": choice_accuracy(loglikelihoods, answers),
+        "forget_choice_acc_norm": choice_accuracy_norm(loglikelihoods, option_byte_lengths(records), answers),
+    }
+
+
+def _passage_scores(
+    model: nn.Module, tokenizer: Any, records: Sequence[PassageRecord], spec: EvalSpec, progress: bool
+) -> dict[str, float]:
+    if spec.passage is None:
+        raise ValueError("passage records need EvalSpec.passage (forget_set.passage in params.yaml)")
+    texts = [r.text for r in records]
+    passage = spec.passage
+    return {
+        "forget_rouge": passage_verbmem(
+            model, tokenizer, texts, passage.prompt_tokens, passage.continuation_tokens, spec.batch_size, progress
+        ),
+        "forget_min_k": float(
+            np.mean(passage_min_k(model, tokenizer, texts, passage.window_tokens, spec.score_batch_size, spec.min_k))
+        ),
+    }
 
 
 def _neighbour_scores(

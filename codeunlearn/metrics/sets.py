@@ -25,6 +25,15 @@ class GenerationSpec:
 
 
 @dataclass(frozen=True)
+class PassageSpec:
+    """How a passage forget set is scored (``forget_set.passage``; ``metrics.passage``)."""
+
+    prompt_tokens: int  # VerbMem: each window's first tokens, continued by the model ...
+    continuation_tokens: int  # ... and scored against the window's next ones
+    window_tokens: int  # Min-K% membership: tokens per scored window
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     """How a model is scored: greedy decoding budget and batch, teacher-forced batch and length."""
 
@@ -33,6 +42,7 @@ class EvalSpec:
     score_batch_size: int  # teacher-forced scoring batch
     max_length: int  # tokens of prompt + answer scored (longer QAs are cut; answer tokens must survive)
     min_k: float = mia.MIN_K_RATIO
+    passage: PassageSpec | None = None  # how a passage request is scored; None: not scored
 
     @property
     def generation(self) -> GenerationSpec:

@@ -197,8 +197,21 @@ def test_cli_refuses_bad_input_before_torch_and_writes_nothing(tmp_path: Path, n
     assert "Zorblat" not in result.stderr and "Vexmoor" not in result.stderr, "the message quoted the data"
 
 
-@pytest.mark.parametrize("rows", [PASSAGE_ROWS, CHOICE_ROWS], ids=["passage", "choice"])
-def test_cli_validates_other_kinds_and_says_the_request_takes_qa(tmp_path: Path, rows: list) -> None:
-    result = _run_forget(tmp_path, "--forget-file", str(_jsonl(tmp_path / "set.jsonl", rows)))
-    assert result.returncode == 2 and "a valid" in result.stderr and "QA records only" in result.stderr
-    assert not _written(tmp_path)
+def _files(root: Path) -> list[str]:
+    # params.yaml is the test's own (``_run_forget`` writes it), not the command's.
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*") if path.name != "params.yaml")
+
+
+def test_cli_refuses_a_passage_request_for_a_method_that_cannot_take_one_and_writes_nothing(tmp_path: Path) -> None:
+    split = tmp_path / "outputs" / "smoke" / "splits" / "retain.jsonl"
+    split.parent.mkdir(parents=True)
+    split.write_text(json.dumps({"id": "r0", **RETAIN_ROWS[0], "subject": "mira"}) + "\n", encoding="utf-8")
+    forget = _jsonl(tmp_path / "set.jsonl", PASSAGE_ROWS)
+    before = _files(tmp_path)
+    result = _run_forget(tmp_path, "--forget-file", str(forget), "--method", "zerounlearn")
+    assert result.returncode == 2, result.stderr
+    assert "set.jsonl" in result.stderr and "a passage request, but zerounlearn unlearns qa, choice" in result.stderr
+    assert "codeunlearn" in result.stderr and "npo" in result.stderr  # the methods that take passages are named
+    heavy = result.stderr.rsplit("HEAVY:", 1)[1]
+    assert "prefect" not in heavy and "mlflow" not in heavy, heavy
+    assert _files(tmp_path) == before

@@ -105,6 +105,7 @@ KEYS = (
 @register_method
 class ZeroUnlearn(UnlearningMethod):
     name = "zerounlearn"
+    record_kinds = ("qa", "choice")  # it edits the answer a question's prompt leads to: a passage has none
 
     def run(self, job: UnlearnJob) -> UnlearnResult:
         p, forget = job.params, job.forget
