@@ -207,3 +207,55 @@ def test_a_run_killed_in_codebook_training_resumes_and_ends_with_identical_metri
     assert (out / "models" / "target" / "model.safetensors").stat().st_mtime_ns == target_weights
     assert second["evaluate"] == first["evaluate"]
     assert second["select_codes"]["disabled_codes"] == first["select_codes"]["disabled_codes"]
+
+
+def _forget_command(tmp: Path, *args: str) -> dict:
+    """`codeunlearn forget` in this process (typer's runner), on the smoke run; its printed result."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    command = ["forget", *args, "--profile", "smoke", "--params", str(tmp / "params.yaml")]
+    result = CliRunner().invoke(app, command, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{") :])
+
+
+def test_a_multiple_choice_request_is_unlearned_and_scored_by_accuracy(smoke_run, tmp_path):
+    """TOFU's perturbed answers of the forget author as the wrong options: a choice file through the CLI."""
+    from codeunlearn.data.forget_files import choices_from_perturbed
+    from codeunlearn.data.records import read_jsonl_records
+
+    tmp, _ = smoke_run
+    split = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")
+    forget = [r for r in split if r.perturbed_answers]
+    rows = [
+        {"question": c.question, "choices": list(c.choices), "answer": c.answer}
+        for c in choices_from_perturbed(forget[:8], seed=0)
+    ]
+    request_file = tmp_path / "choices.json"
+    request_file.write_text(json.dumps(rows))
+    result = _forget_command(tmp, "--forget-file", str(request_file))
+    before, after = result["metrics"]["before"], result["metrics"]["after"]
+    assert {"forget_choice_acc", "forget_choice_acc_norm", "forget_rouge", "model_utility"} <= set(after)
+    assert after["forget_rouge"] < before["forget_rouge"]
+    request = tmp / "outputs" / "smoke" / "requests" / result["request_id"]
+    assert json.loads((request / "audit.json").read_text())["forget"]["kind"] == "choice"
+
+
+def test_a_passage_request_is_unlearned_and_scored_by_verbmem(smoke_run, tmp_path):
+    """A document to forget (the forget author's answers as one text) through the CLI, with no subject."""
+    from codeunlearn.data.records import read_jsonl_records
+
+    tmp, _ = smoke_run
+    forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")
+    passages = [" ".join(r.answer for r in forget[start : start + 5]) for start in (0, 5)]
+    request_file = tmp_path / "passages.jsonl"
+    request_file.write_text("".join(json.dumps({"text": text}) + "\n" for text in passages))
+    result = _forget_command(tmp, "--forget-file", str(request_file))
+    before, after = result["metrics"]["before"], result["metrics"]["after"]
+    assert {"forget_rouge", "forget_min_k", "model_utility"} <= set(after) and "forget_choice_acc" not in after
+    assert 0.0 <= after["forget_rouge"] <= 1.0 and before["forget_min_k"] > 0
+    record = json.loads((tmp / "outputs" / "smoke" / "requests" / result["request_id"] / "audit.json").read_text())
+    assert record["forget"]["kind"] == "passage" and record["forget"]["count"] == 2
+    assert "passage" in json.dumps(record["verdict"])  # the relearning attack is skipped, and says why

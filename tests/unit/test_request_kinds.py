@@ -87,6 +87,7 @@ def uniform_model(tiny_model):
 def test_request_scores_follow_the_record_kind(uniform_model, tiny_tokenizer, one_thread) -> None:
     utility = EvalSets(forget=(), retain=())
     choice = request_scores(uniform_model, tiny_tokenizer, CHOICES, utility, SPEC)
+
     # Uniform logits: every option scores -tokens x log V, so the option of fewest tokens wins (ties: the first).
     def tokens(option: str) -> int:
         return len(tiny_tokenizer(" " + option, add_special_tokens=False)["input_ids"])
