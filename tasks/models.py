@@ -6,6 +6,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from codeunlearn.checkpoints import save_checkpoint
+from codeunlearn.data.forget_files import PassageRecord
 from codeunlearn.data.muse import read_texts
 from codeunlearn.data.records import read_jsonl_records, records_sha256
 from codeunlearn.io import read_json, write_json
@@ -78,9 +79,20 @@ def finetune_threads(ctx: RunContext) -> int | None:
     return side["threads"] if side["enabled"] else None
 
 
-def _finetune(ctx: RunContext, role: str, split_names: tuple[str, ...]) -> dict:
+def target_passages(ctx: RunContext) -> list[PassageRecord]:
+    """Documents the target also learns (``finetune.passages``), as a copyright holder's text would have
+    been in its training data: the first ``count`` texts of a MUSE-News file. The oracle never sees them."""
+    cfg = ctx.settings["finetune"]["passages"]
+    if not cfg["file"] or not cfg["count"]:
+        return []
+    path = ctx.resolve(ctx.settings["paths"]["muse_dir"]) / cfg["file"]
+    texts = read_texts(path, cfg["count"])
+    return [PassageRecord(f"{path.stem}-{index}", text) for index, text in enumerate(texts)]
+
+
+def _finetune(ctx: RunContext, role: str, split_names: tuple[str, ...], extra: list | None = None) -> dict:
     splits = ctx.stage_dir("splits")
-    records = [r for name in split_names for r in read_jsonl_records(splits / f"{name}.jsonl")]
+    records = [r for name in split_names for r in read_jsonl_records(splits / f"{name}.jsonl")] + list(extra or [])
     base = load_role(ctx, "base")
     spec = train_spec(ctx, "finetune")
     with tracking.stage_run(ctx, f"finetune_{role}"), torch_threads(finetune_threads(ctx)):
@@ -100,8 +112,8 @@ def _finetune(ctx: RunContext, role: str, split_names: tuple[str, ...]) -> dict:
 @task(name="finetune_target", cache_policy=NONE)
 @resumable("finetune_target")
 def finetune_target(ctx: RunContext) -> dict:
-    """The model that knows everything: forget + retain."""
-    return _finetune(ctx, "target", ("forget", "retain"))
+    """The model that knows everything: forget + retain (and ``target_passages``)."""
+    return _finetune(ctx, "target", ("forget", "retain"), target_passages(ctx))
 
 
 @task(name="finetune_oracle", cache_policy=NONE)
@@ -112,9 +124,10 @@ def finetune_oracle(ctx: RunContext) -> dict:
 
 
 def codebook_records(ctx: RunContext) -> list:
-    """The codebook's QA training set: the target's (forget + retain)."""
+    """The codebook's training set: the target's (forget + retain, and ``target_passages``)."""
     splits = ctx.stage_dir("splits")
-    return [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
+    qas = [r for name in ("forget", "retain") for r in read_jsonl_records(splits / f"{name}.jsonl")]
+    return qas + target_passages(ctx)
 
 
 def codebook_texts(ctx: RunContext) -> list[str]:

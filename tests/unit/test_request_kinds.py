@@ -129,3 +129,21 @@ def test_a_method_refuses_a_kind_it_cannot_unlearn() -> None:
     get_method("npo").check_record_kind("passage", "set.jsonl")
     with pytest.raises(DataError, match=r"set\.jsonl.*a passage request, but zerounlearn unlearns qa, choice"):
         get_method("zerounlearn").check_record_kind("passage", "set.jsonl")
+
+
+def test_the_target_can_learn_documents_the_oracle_never_sees(tmp_path) -> None:
+    """``finetune.passages``: MUSE-News articles join the target's (and the codebook's) training data."""
+    from codeunlearn.data.muse import read_texts
+    from tasks.context import make_context
+    from tasks.models import target_passages
+    from tests.conftest import SHARED_DATA
+
+    paths = {"outputs": str(tmp_path), "muse_dir": str(SHARED_DATA / "muse_news")}
+    off = make_context("smoke", overrides={"paths": paths})
+    assert target_passages(off) == []
+    on = make_context(
+        "smoke", overrides={"paths": paths, "finetune": {"passages": {"file": "raw/forget.json", "count": 2}}}
+    )
+    passages = target_passages(on)
+    assert [p.text for p in passages] == read_texts(SHARED_DATA / "muse_news" / "raw" / "forget.json", 2)
+    assert len({p.id for p in passages}) == 2
