@@ -134,6 +134,8 @@ def audit_request(
     with torch_threads(ctx.settings["evaluate"].get("threads")):
         checkpoint = deploy(ctx, method, snapshot)
         attacks, skipped = audit_attacks(ctx, checkpoint, forget, retain, metrics["after"])
+    if retain_file is None:
+        skipped["neighbour_ratio"] = "no neighbour set (--retain-file) in this request"
     timing = {"attacks": time.perf_counter() - started}
     all_metrics = {"before": metrics["before"], "after": metrics["after"], **attacks, "timing_s": timing}
     neighbours = neighbour_sets(ctx, retain_file)

@@ -129,6 +129,8 @@ def reverify_model(ctx: RunContext, latest: dict, forget_file: str | None = None
             after["forget_rouge"] = None
             attacks, skipped = {}, {}
     metrics = json_safe({"before": before, "after": after, **attacks})
+    # Re-verification re-scores the forget set and model utility; the request's neighbours stay judged in its record.
+    skipped["neighbour_ratio"] = "re-verification does not re-score a request's neighbour set"
     verdict = judge(judged_values(metrics), settings.thresholds, skipped, checks)
     result = {
         "schema": "codeunlearn.reverify/1",

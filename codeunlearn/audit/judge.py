@@ -20,6 +20,8 @@ class Thresholds:
     max_quant_recovery: float | None = 0.2  # forget ROUGE gained by 4-bit re-quantization
     max_relearn_recovery: float | None = 0.3  # held-out forget ROUGE gained by the relearning attack
     min_utility_ratio: float | None = 0.9  # TOFU model utility (retain, real authors, world facts) after / before
+    # held-out neighbour ROUGE after / before (``--retain-file``); None (older records) leaves it out
+    min_neighbour_ratio: float | None = None
     # forget ROUGE before the request below which there was nothing to forget; None (records and callers
     # that predate it) leaves the check out of the verdict
     min_known: float | None = None
@@ -38,6 +40,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "forget_rouge": ("max_forget_rouge", "le"),
     "retain_ratio": ("min_retain_ratio", "ge"),
     "utility_ratio": ("min_utility_ratio", "ge"),
+    "neighbour_ratio": ("min_neighbour_ratio", "ge"),
     "quant_recovery": ("max_quant_recovery", "le"),
     "relearn_recovery": ("max_relearn_recovery", "le"),
 }
@@ -57,8 +60,8 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
          "quantization": {"rtn_w4_g64": {"recovery", ...}, ...}, "relearn": {"recovery", ...}}
 
     ``forget_rouge_before`` is what the knowledge-present check reads; ``retain_ratio`` is retain after /
-    before (1.0 when before is 0), ``utility_ratio`` the same for
-    model utility; ``quant_recovery`` is the worst
+    before (1.0 when before is 0), ``utility_ratio`` the same for model utility and ``neighbour_ratio`` for
+    the held-out neighbours' ROUGE (absent without a neighbour set); ``quant_recovery`` is the worst
     (largest) recovery over the quantized rows. A block that is absent gives ``None``.
     """
     after = metrics.get("after") or {}
@@ -82,6 +85,7 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
         "forget_rouge": _number(after.get("forget_rouge")),
         "retain_ratio": ratio("retain_rouge"),
         "utility_ratio": ratio("model_utility"),
+        "neighbour_ratio": ratio("neighbour_rouge"),
         "quant_recovery": max(recoveries) if recoveries else None,
         "relearn_recovery": _number(relearn.get("recovery")) if isinstance(relearn, Mapping) else None,
     }

@@ -40,6 +40,7 @@ def test_judge_passes_fails_and_skips_per_threshold():
         "utility_ratio": "pass",
         "quant_recovery": "pass",
         "relearn_recovery": "skipped",
+        "neighbour_ratio": "off",
     }
 
     verdict = judge(values, Thresholds(0.2, 0.99, 0.2, None, 0.96))
@@ -51,6 +52,23 @@ def test_judge_passes_fails_and_skips_per_threshold():
     assert not_measured["failed"] == ["forget_rouge"]
     integrity = judge(values, Thresholds(0.5, 0.8, 0.3, None), extra_checks=[{"check": "mask", "passed": False}])
     assert integrity["failed"] == ["mask"]
+
+
+def test_neighbours_are_judged_after_over_before_and_skipped_without_a_neighbour_set():
+    metrics = {
+        "before": {"forget_rouge": 0.9, "neighbour_rouge": 0.5},
+        "after": {"forget_rouge": 0.1, "neighbour_rouge": 0.4},
+    }
+    values = judged_values(metrics)
+    assert values["neighbour_ratio"] == pytest.approx(0.8)
+    thresholds = Thresholds(0.5, None, None, None, None, min_neighbour_ratio=0.9)
+    assert judge(values, thresholds)["failed"] == ["neighbour_ratio"]
+    assert judge(values, Thresholds(0.5, None, None, None, None, min_neighbour_ratio=0.75))["passed"]
+    without = judged_values({"before": {"forget_rouge": 0.9}, "after": {"forget_rouge": 0.1}})
+    assert without["neighbour_ratio"] is None
+    skipped = judge(without, thresholds, skipped={"neighbour_ratio": "no neighbour set"})
+    assert skipped["passed"] and {c["check"]: c["status"] for c in skipped["checks"]}["neighbour_ratio"] == "skipped"
+    assert judge(without, thresholds)["failed"] == ["neighbour_ratio"], "unmeasured and not skipped fails"
 
 
 def _known(before: float) -> dict:

@@ -52,6 +52,7 @@ def test_request_writes_a_sealed_audit_record(tiny_request):
         "utility_ratio",
         "quant_recovery",
         "relearn_recovery",
+        "neighbour_ratio",
     }
     for when in ("before", "after"):
         assert {"model_utility", "world_facts_rouge", "real_authors_rouge"} <= set(record["metrics"][when])
