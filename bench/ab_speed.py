@@ -47,7 +47,7 @@ def main() -> None:
     scores = score_model(checkpoint.model, checkpoint.tokenizer, sets, spec)
     score_s = time.perf_counter() - started
     # The fine-tune's own batch and length; warm-up off so every timed step is a full one.
-    train = TrainSpec(**{**finetune, "steps": args.train_steps, "warmup_steps": 0, "log_every": 1}, seed=0)
+    train = TrainSpec.from_block(finetune, 0, steps=args.train_steps, warmup_steps=0, log_every=1)
     started = time.perf_counter()
     train_answers(checkpoint.model, checkpoint.tokenizer, [*sets.forget, *sets.retain], train, progress=False)
     train_s = time.perf_counter() - started

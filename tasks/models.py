@@ -32,7 +32,7 @@ TINY_SOURCE = "tiny"
 
 
 def train_spec(ctx: RunContext, block: str) -> TrainSpec:
-    return TrainSpec(seed=ctx.settings["seed"], **ctx.settings[block])
+    return TrainSpec.from_block(ctx.settings[block], ctx.settings["seed"])
 
 
 def data_tags(ctx: RunContext) -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,13 @@ class TrainSpec:
     grad_clip: float
     seed: int
     log_every: int
+
+    @classmethod
+    def from_block(cls, block: Mapping[str, Any], seed: int, **overrides: Any) -> TrainSpec:
+        """A params.yaml training block (``finetune``, ``codebook_train``, ...): its TrainSpec fields, the
+        run's seed, then ``overrides``; other keys of the block (e.g. ``finetune.passages``) are not the loop's."""
+        fields = {name: block[name] for name in cls.__dataclass_fields__ if name in block}
+        return cls(**{**fields, "seed": seed, **overrides})
 
 
 def seed_everything(seed: int) -> torch.Generator:
