@@ -150,6 +150,42 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def tune_frontier_plot(summary: dict[str, Any], path: Path) -> None:
+    """Forget ROUGE against model utility for every grid point, one colour per method, each method's
+    selected point ringed, the target and oracle marked, the utility floor dashed (``tasks.tune``)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(summary["selection"])
+    colours = plt.get_cmap("tab10")
+    for position, method in enumerate(methods):
+        own = [p for p in summary["points"] if p["method"] == method]
+        colour = colours(position % 10)
+        ax.scatter(
+            [p["row"]["model_utility"] for p in own],
+            [p["row"]["forget_rouge"] for p in own],
+            s=22,
+            color=colour,
+            label=method,
+        )
+        chosen = summary["selection"][method].get("index")
+        for p in own:
+            if p["index"] == chosen:
+                ax.scatter(
+                    [p["row"]["model_utility"]], [p["row"]["forget_rouge"]], s=140, facecolors="none", edgecolors=colour
+                )
+    for name, marker in (("target", "*"), ("oracle", "P")):
+        row = summary[name]
+        ax.scatter([row["model_utility"]], [row["forget_rouge"]], marker=marker, s=150, color="k", zorder=3)
+        ax.annotate(
+            name, (row["model_utility"], row["forget_rouge"]), fontsize=8, xytext=(5, 4), textcoords="offset points"
+        )
+    ax.axvline(summary["floors"]["model_utility"], color="grey", linestyle="--", linewidth=1, label="utility floor")
+    ax.set_xlabel("model utility (higher is better)")
+    ax.set_ylabel("forget ROUGE-L recall (lower is better)")
+    ax.set_title("Tuning grid: every point; ringed: each method's selected point")
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, path)
+
+
 def _plot_sustainability(ax: Any, result: dict[str, Any]) -> None:
     rows = result["rows"]
     x = [0, *[int(row["request"]) for row in rows]]
