@@ -42,6 +42,7 @@ from tasks.resume import NOT_RESULTS, fingerprint
 TUNE_FILE = "tune.json"
 FRONTIER_FILE = "frontier.png"
 LIBRARY = REPO_ROOT / "codeunlearn"
+RENDERING = "report"  # the library's folder that only renders results
 
 
 def tune_settings(ctx: RunContext) -> dict[str, Any]:
@@ -69,10 +70,11 @@ def point_context(ctx: RunContext, method: str, params: dict[str, Any]) -> RunCo
 
 @functools.cache
 def code_fingerprint() -> str:
-    """The code a point's result depends on: the library's source, hashed. The one place to switch to
-    issue 22's code-aware stage fingerprints (``tasks.resume``) once they land."""
+    """The code a point's result depends on: the library's source, hashed, but for ``report/`` (tables
+    and plots, drawn from the results, never changing them). The one place to switch to issue 22's
+    code-aware stage fingerprints (``tasks.resume``) once they land."""
     digest = hashlib.sha256()
-    for path in sorted(LIBRARY.rglob("*.py")):
+    for path in sorted(p for p in LIBRARY.rglob("*.py") if RENDERING not in p.relative_to(LIBRARY).parts):
         digest.update(str(path.relative_to(LIBRARY)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
