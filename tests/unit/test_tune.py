@@ -199,3 +199,16 @@ def test_the_frontier_plot_rings_the_selected_points(tmp_path):
     summary["floors"] = RULE.floors(TARGET)
     tune_frontier_plot(summary, tmp_path / "frontier.png")
     assert (tmp_path / "frontier.png").stat().st_size > 0
+
+
+def test_the_bench_leaderboard_carries_the_tuned_rows_with_their_params(tmp_path):
+    from bench.run import leaderboard_payload
+    from codeunlearn.io import write_json
+    from tasks.context import make_context
+    from tests.conftest import write_params
+
+    ctx = make_context("smoke", write_params(tmp_path))
+    rows = [{"method": "ga", "status": SELECTED, "point": 1, "params": {"lr": 1.0}, "forget_rouge": 0.2}]
+    write_json(ctx.stage_dir("tune") / "tune.json", {"leaderboard": rows, "git_commit": "c0ffee"})
+    payload = leaderboard_payload(ctx)
+    assert payload["tuned_rows"] == rows and payload["tune_git_commit"] == "c0ffee"
