@@ -173,7 +173,7 @@ def pipeline_overhead(params_file: Path | None) -> dict[str, Any]:
 
 def leaderboard_payload(ctx: RunContext) -> dict[str, Any]:
     """The pipeline's own rows (target, oracle, codebook model, CodeUnlearn, random codes: ``eval/``) and,
-    where the profile's comparison ran, its rows; each part names the commit that produced it."""
+    where the profile's comparison and tuning ran, their rows; each part names the commit that produced it."""
     payload: dict[str, Any] = {}
     for part, stage, name in (("pipeline", "eval", "metrics.json"), ("compare", "compare", "leaderboard.json")):
         path = ctx.stage_dir(stage) / name
@@ -186,6 +186,12 @@ def leaderboard_payload(ctx: RunContext) -> dict[str, Any]:
             leaderboard_rows(rows) if part == "pipeline" else rows
         )
         payload[f"{part}_git_commit"] = read_json(run)["git_commit"] if run.exists() else None
+    tuned = ctx.stage_dir("tune") / "tune.json"
+    if tuned.exists():
+        # Each method's point selected by the tuning rule, with its params (``python -m flows.tune``).
+        summary = read_json(tuned)
+        payload["tuned_rows"] = summary["leaderboard"]
+        payload["tune_git_commit"] = summary["git_commit"]
     return payload
 
 

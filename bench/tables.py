@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from codeunlearn.eval.tune import selection_table
 from codeunlearn.io import read_json
 from codeunlearn.report.leaderboard import to_markdown
 from codeunlearn.report.tables import markdown_table
@@ -67,6 +68,13 @@ def leaderboard_tables(payload: dict[str, Any]) -> str:
         parts += ["Pipeline (`python -m flows.pipeline`):", "", to_markdown(payload["pipeline_rows"])]
     if payload.get("rows"):
         parts += ["Comparison (`python -m flows.compare`):", "", to_markdown(payload["rows"])]
+    if payload.get("tuned_rows"):
+        commit = payload.get("tune_git_commit") or "unknown"
+        parts += [
+            f"Tuned (`python -m flows.tune`, commit {commit[:10]}): each method's point selected by the rule:",
+            "",
+            selection_table(payload["tuned_rows"]),
+        ]
     return "\n".join(parts) if parts else "no rows"
 
 
@@ -79,6 +87,36 @@ def rejection_table(payload: dict[str, Any]) -> str:
             for name, entry in sorted(payload["inputs"].items())
         ),
     )
+
+
+def tune_table(payload: dict[str, Any]) -> str:
+    """Each method's selected point under the rule, its grid's size and whether the grid brackets the
+    trade-off, then the plot; ``bench/results/<profile>/tune.json`` holds every point."""
+    rule = payload["rule"]
+    floors = payload["floors"]
+    lines = [
+        f"Rule: the lowest {rule['objective']} with model utility >= {rule['utility_ratio']} x the target's "
+        f"({floors['model_utility']:.3f}) and retain ROUGE >= {rule['retain_ratio']} x the target's "
+        f"({floors['retain_rouge']:.3f}); ties broken by {rule['tie_break']}.",
+        "",
+        selection_table(payload["leaderboard"]),
+        markdown_table(
+            ["method", "points", "meeting the floor", "reaches the oracle's forgetting", "crosses the floor"],
+            (
+                [
+                    method,
+                    str(chosen["points"]),
+                    str(chosen["meeting_floor"]),
+                    fmt(chosen["bracketing"]["reaches_oracle"]),
+                    fmt(chosen["bracketing"]["crosses_floor"]),
+                ]
+                for method, chosen in payload["selection"].items()
+            ),
+        ),
+        "",
+        f"![tuning frontier](img/tune_{payload['profile']}.png)",
+    ]
+    return "\n".join(lines)
 
 
 def tables(profile: str) -> str:
@@ -98,6 +136,7 @@ def tables(profile: str) -> str:
             lambda p: key_value_table(p, ORCHESTRATION_KEYS),
         ),
         *section("Refusing a bad forget file (`python -m bench.rejection`)", out / "rejection.json", rejection_table),
+        *section("Tuning grid (`python -m bench.tune`): selected points", out / "tune.json", tune_table),
     ]
     return "\n".join(parts)
 

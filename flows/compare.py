@@ -19,10 +19,14 @@ from tasks.context import RunContext, make_context
 
 
 def task_runner(ctx: RunContext):
+    """``compare.task_runner``: Dask (a local cluster of ``workers`` processes, or the running cluster at
+    ``compare.address``, so more machines widen a grid without code changes) or threads in this process."""
     cfg = ctx.settings["compare"]
     if cfg["task_runner"] == "dask":
         from prefect_dask import DaskTaskRunner
 
+        if cfg.get("address"):
+            return DaskTaskRunner(address=cfg["address"])
         return DaskTaskRunner(
             cluster_kwargs={
                 "n_workers": cfg["workers"],

@@ -70,7 +70,7 @@ class UnlearningMethod(ABC):
         retain: Sequence[Any],
         params: Mapping[str, Any],
     ) -> UnlearnResult:
-        where = self.params_block or f"methods.{self.name}"
+        where = ".".join(self.params_path())
         return self.run(UnlearnJob(model, tokenizer, forget, retain, MethodParams(self.name, params, where)))
 
     @abstractmethod
@@ -87,6 +87,17 @@ class UnlearningMethod(ABC):
             )
 
     # -- deployment ---------------------------------------------------------------------------------
+
+    def params_path(self) -> tuple[str, ...]:
+        """Where the method's params block sits in the settings (``methods.<name>`` unless ``params_block``)."""
+        return (self.params_block,) if self.params_block else ("methods", self.name)
+
+    def params_override(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """A settings override that sets ``values`` in the method's params block (a tuning grid's point)."""
+        override: dict[str, Any] = dict(values)
+        for key in reversed(self.params_path()):
+            override = {key: override}
+        return override
 
     def params(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """The method's params block in the run's settings."""

@@ -150,6 +150,45 @@ def frontier_plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def tune_frontier_plot(summary: dict[str, Any], path: Path) -> None:
+    """Forget ROUGE against model utility (left) and retain ROUGE (right), the rule's two floors: every
+    grid point, one colour per method, each method's selected point ringed, target and oracle marked,
+    the floors dashed (``tasks.tune``)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, metric, label in zip(
+        axes, ("model_utility", "retain_rouge"), ("model utility", "retain ROUGE-L recall"), strict=True
+    ):
+        _tune_panel(ax, summary, metric)
+        ax.set_xlabel(f"{label} (higher is better)")
+    axes[0].set_ylabel("forget ROUGE-L recall (lower is better)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle("Tuning grid: every point; ringed: each method's selected point; dashed: the floor", fontsize=10)
+    save_figure(fig, path)
+
+
+def _tune_panel(ax: Any, summary: dict[str, Any], metric: str) -> None:
+    colours = plt.get_cmap("tab10")
+    for position, method in enumerate(summary["selection"]):
+        own = [p for p in summary["points"] if p["method"] == method]
+        colour = colours(position % 10)
+        ax.scatter(
+            [p["row"][metric] for p in own], [p["row"]["forget_rouge"] for p in own], s=22, color=colour, label=method
+        )
+        chosen = [p for p in own if p["index"] == summary["selection"][method].get("index")]
+        ax.scatter(
+            [p["row"][metric] for p in chosen],
+            [p["row"]["forget_rouge"] for p in chosen],
+            s=140,
+            facecolors="none",
+            edgecolors=colour,
+        )
+    for name, marker in (("target", "*"), ("oracle", "P")):
+        row = summary[name]
+        ax.scatter([row[metric]], [row["forget_rouge"]], marker=marker, s=150, color="k", zorder=3)
+        ax.annotate(name, (row[metric], row["forget_rouge"]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    ax.axvline(summary["floors"][metric], color="grey", linestyle="--", linewidth=1, label="floor")
+
+
 def _plot_sustainability(ax: Any, result: dict[str, Any]) -> None:
     rows = result["rows"]
     x = [0, *[int(row["request"]) for row in rows]]

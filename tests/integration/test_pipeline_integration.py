@@ -160,6 +160,40 @@ def test_every_method_lowers_forget_rouge_on_a_dask_local_cluster(smoke_run):
     assert {path: path.stat().st_mtime_ns for path in evaluations} == stamps
 
 
+def test_the_tuning_grid_runs_on_two_dask_workers_selects_and_resumes(smoke_run):
+    """The smoke grid (two points a method) on a Dask LocalCluster of two worker processes, restricted to
+    three methods (six points) to keep CI short; each point an MLflow child run; a rerun reruns nothing."""
+    import mlflow
+
+    from codeunlearn.eval.tune import NO_POINT_MEETS_FLOOR, SELECTED
+    from flows.tune import tune
+    from tasks.context import make_context
+
+    tmp, _ = smoke_run
+    params = str(tmp / "params.yaml")
+    compare_cfg = make_context("smoke", Path(params)).settings["compare"]
+    assert (compare_cfg["task_runner"], compare_cfg["workers"]) == ("dask", 2)
+    methods = ["codeunlearn", "ga", "npo"]
+    summary = tune(profile="smoke", params_file=params, methods=methods)
+    assert [(p["method"], p["index"]) for p in summary["points"]] == [(m, i) for m in methods for i in (0, 1)]
+    for method in methods:
+        assert summary["selection"][method]["status"] in (SELECTED, NO_POINT_MEETS_FLOOR), method
+        assert summary["selection"][method]["points"] == 2
+    assert {row["method"] for row in summary["leaderboard"]} == set(methods)
+    out = tmp / "outputs" / "smoke" / "tune"
+    for name in ("tune.json", "leaderboard.md", "frontier.png"):
+        assert (out / name).exists(), name
+    assert not (out / "runs").exists() or not any((out / "runs").rglob("*.safetensors"))  # keep_models: false
+    children = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`codeunlearn.stage` LIKE 'tune_%'")
+    assert {f"tune_{m}_{i}" for m in methods for i in (0, 1)} <= set(children["tags.mlflow.runName"])
+    points = sorted(out.glob("points/*/*.json"))
+    assert len(points) == 6
+    stamps = {path: path.stat().st_mtime_ns for path in points}
+    again = tune(profile="smoke", params_file=params, methods=methods)
+    assert again["selection"] == summary["selection"]
+    assert {path: path.stat().st_mtime_ns for path in points} == stamps
+
+
 def test_a_request_keeps_the_forget_text_out_of_mlflow_and_logs(smoke_run, tmp_path, capfd):
     """A generic-JSONL request end to end; neither the MLflow store nor the output names its answers."""
     import json as _json

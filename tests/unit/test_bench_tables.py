@@ -73,3 +73,32 @@ def test_leaderboard_shows_the_pipelines_rows_with_model_utility_beside_forgetti
 def test_the_committed_benchmarks_page_is_generated_from_the_committed_results():
     page = tables.RESULTS.parent.parent / "docs" / "benchmarks.md"
     assert page.read_text() == tables.benchmarks_page(), "run: python -m bench.tables --write docs/benchmarks.md"
+
+
+def test_the_tuning_table_shows_each_methods_selected_point_with_its_params_and_the_rule(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    from codeunlearn.eval.tune import NO_POINT_MEETS_FLOOR, SELECTED
+
+    bracket = {"reaches_oracle": True, "crosses_floor": False, "brackets": True, "forgets_at_floor": True}
+    payload = {
+        "profile": "default",
+        "rule": {"objective": "forget_rouge", "utility_ratio": 0.9, "retain_ratio": 0.9, "tie_break": "forget_quality"},
+        "floors": {"model_utility": 0.45, "retain_rouge": 0.72},
+        "selection": {
+            "ga": {"status": SELECTED, "points": 8, "meeting_floor": 3, "bracketing": bracket},
+            "rmu": {"status": NO_POINT_MEETS_FLOOR, "points": 6, "meeting_floor": 0, "bracketing": bracket},
+        },
+        "leaderboard": [
+            {"method": "ga", "status": SELECTED, "point": 2, "params": {"lr": 5e-05, "steps": 40}, "forget_rouge": 0.3},
+            {"method": "rmu", "status": NO_POINT_MEETS_FLOOR, "point": None, "params": None},
+        ],
+        "machine": MACHINE,
+        "git_commit": "tune33333333",
+    }
+    write_json(tables.RESULTS / "default" / "tune.json", payload)
+    text = tables.tables("default")
+    assert "model utility >= 0.9 x the target's (0.450)" in text
+    assert "| ga | point 2 | lr=5e-05 steps=40 | 0.300 |" in text
+    assert "| rmu | no point meets the utility floor |" in text
+    assert "| ga | 8 | 3 | True | False |" in text
+    assert "![tuning frontier](img/tune_default.png)" in text
