@@ -269,7 +269,9 @@ def test_a_multiple_choice_request_is_unlearned_and_scored_by_accuracy(smoke_run
     ]
     request_file = tmp_path / "choices.json"
     request_file.write_text(json.dumps(rows))
-    result = _forget_command(tmp, "--forget-file", str(request_file))
+    # NPO starts every request from the target, so earlier requests on this run (CodeUnlearn's masks add
+    # up) do not change its "before"; a gradient method also shows the choice-as-QA path.
+    result = _forget_command(tmp, "--forget-file", str(request_file), "--method", "npo")
     before, after = result["metrics"]["before"], result["metrics"]["after"]
     assert {"forget_choice_acc", "forget_choice_acc_norm", "forget_rouge", "model_utility"} <= set(after)
     assert after["forget_rouge"] < before["forget_rouge"]
