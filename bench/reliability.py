@@ -81,6 +81,7 @@ class RunDir:
         }
         params["defaults"] = deep_merge(deep_merge(params["defaults"], isolated), overrides or {})
         path = self.root / name
+        self.root.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         return path
 
