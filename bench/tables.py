@@ -81,6 +81,17 @@ def rejection_table(payload: dict[str, Any]) -> str:
     )
 
 
+def reliability_table(payload: dict[str, Any]) -> str:
+    """The crash comparison, the privacy search's hits, then each refusal's median time."""
+    rows = [
+        ["crash_equal (SIGKILLed twice vs uninterrupted)", fmt(payload["crash_equal"])],
+        ["privacy_hits default", fmt(payload["privacy_hits"]["default"])],
+        ["privacy_hits opt_in (`log_raw_text: true`)", fmt(payload["privacy_hits"]["opt_in"])],
+        *([f"rejection_s: {name}", fmt(seconds)] for name, seconds in sorted(payload["rejection_s"].items())),
+    ]
+    return markdown_table(["measure", "value"], rows)
+
+
 def tables(profile: str) -> str:
     out = RESULTS / profile
     parts = [
@@ -98,6 +109,7 @@ def tables(profile: str) -> str:
             lambda p: key_value_table(p, ORCHESTRATION_KEYS),
         ),
         *section("Refusing a bad forget file (`python -m bench.rejection`)", out / "rejection.json", rejection_table),
+        *section("Reliability (`python -m bench.reliability`)", out / "reliability.json", reliability_table),
     ]
     return "\n".join(parts)
 
