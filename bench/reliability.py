@@ -44,7 +44,8 @@ RUN_TIMEOUT_S = 1800
 POLL_S = 0.2
 # Where in codebook training the kill lands: a fraction of its steps, read from its progress bar.
 KILL_AT_FRACTION = 0.3
-CODEBOOK_BAR = re.compile(rb"codebook:\s+\d+%\|[^\r\n|]*\|\s*(\d+)/(\d+)")
+# Either codebook mode's bar: "codebook" (bottleneck) or "codebook (residual)".
+CODEBOOK_BAR = re.compile(rb"codebook(?: \(residual\))?:\s+\d+%\|[^\r\n|]*\|\s*(\d+)/(\d+)")
 # Shorter strings would match unrelated bytes by chance (TOFU's questions and answers are sentences).
 MIN_NEEDLE_CHARS = 12
 
@@ -167,7 +168,8 @@ def run_outcome(run: RunDir) -> dict[str, Any]:
     codebook_dir = out / "models" / "codebook"
     return {
         "mask_ids": list(load_mask(out / "mask").disabled_ids),
-        "mask_files_sha256": {p.name: sha256_file(p) for p in sorted((out / "mask").iterdir())},
+        # The tensors file (ids and scores); mask.json names the params file's hash, which differs by path.
+        "mask_tensors_sha256": sha256_file(out / "mask" / "mask.safetensors"),
         "codebook_sha256": read_json(codebook_dir / "training.json")["codebook_sha256"],
         "codebook_file_sha256": sha256_file(codebook_dir / "codebook.safetensors"),
         "registered_versions": versions,
@@ -233,9 +235,11 @@ def write_request(folder: Path, records: list) -> Path:
 
 
 def reference_run(root: Path) -> RunDir:
-    """The uninterrupted smoke pipeline every comparison and the default privacy search read."""
+    """The uninterrupted smoke pipeline every comparison and the default privacy search read (one that
+    already finished in ``root``, e.g. a kept ``--work-dir``, is read as it is)."""
     run = RunDir(root)
-    run_child(run, "reference.log", "pipeline", "--params", str(run.params()))
+    if not (root / "result.json").exists():
+        run_child(run, "reference.log", "pipeline", "--params", str(run.params()))
     return run
 
 
@@ -348,10 +352,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="codeunlearn-reliability-") as tmp:
         root = Path(args.work_dir or tmp)
+        crashed = crash_run(root / "crashed")
         reference = reference_run(root / "reference")
         records = forget_records(reference)
         default = privacy_hits(reference, records)
-        crashed = crash_run(root / "crashed")
         expected, actual = run_outcome(reference), run_outcome(crashed["run"])
         mismatched = differences(expected, actual)
         rejection = rejection_times(reference, root / "rejection")
