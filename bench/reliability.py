@@ -48,6 +48,7 @@ KILL_AT_FRACTION = 0.3
 CODEBOOK_BAR = re.compile(rb"codebook(?: \(residual\))?:\s+\d+%\|[^\r\n|]*\|\s*(\d+)/(\d+)")
 # Shorter strings would match unrelated bytes by chance (TOFU's questions and answers are sentences).
 MIN_NEEDLE_CHARS = 12
+CRASH_SUMMARY = "crash.json"
 
 
 # ------------------------------------------------------------------------------------- isolated runs
@@ -244,8 +245,11 @@ def reference_run(root: Path) -> RunDir:
 
 
 def crash_run(root: Path) -> dict[str, Any]:
-    """Kill mid-training, kill mid-checkpoint-write, then finish: what each step left and reused."""
+    """Kill mid-training, kill mid-checkpoint-write, then finish: what each step left and reused (a
+    scenario that already finished in ``root``, e.g. a kept ``--work-dir``, is read as it is)."""
     run = RunDir(root)
+    if (root / CRASH_SUMMARY).exists():
+        return {"run": run, **read_json(root / CRASH_SUMMARY)}
     # The progress bars are the kill's clock; ``progress`` never enters a fingerprint or a result.
     params = run.params({"progress": True})
     killed_at_step = kill_mid_codebook_training(run, params, "killed-in-training.log")
@@ -260,14 +264,15 @@ def crash_run(root: Path) -> dict[str, Any]:
     kept = {p.stem: p.stat().st_mtime_ns for p in markers.glob("*.json")}
     run_child(run, "resumed.log", "pipeline", "--params", str(params))
     reused = sorted(name for name, stamp in kept.items() if (markers / f"{name}.json").stat().st_mtime_ns == stamp)
-    return {
-        "run": run,
+    summary = {
         "killed_at_step": killed_at_step,
         "markers_after_training_kill": after_training_kill,
         "half_written": half_written,
         "reused_stages": reused,
         "scratch_left": [str(p.relative_to(run.outputs)) for p in scratch_files(run.outputs)],
     }
+    write_json(root / CRASH_SUMMARY, summary)
+    return {"run": run, **summary}
 
 
 def opt_in_hits(run: RunDir, records: list) -> list[tuple[str, str]]:
@@ -327,6 +332,7 @@ def rejection_times(run: RunDir, folder: Path) -> dict[str, float]:
     """Median refusal time per bad input (``bench.rejection``), plus an overlap with the retain split."""
     from bench.rejection import time_refusal, write_bad_inputs
 
+    folder.mkdir(parents=True, exist_ok=True)
     inputs = write_bad_inputs(folder)
     retained = read_first_retain(run)
     overlap = write_request(folder / "overlap", retained)
