@@ -21,19 +21,23 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> reliability.RunDir:
-    """One uninterrupted smoke pipeline in its own process, Prefect home and MLflow store."""
-    return reliability.reference_run(tmp_path_factory.mktemp("reference"))
+def reference(tmp_path_factory) -> dict:
+    """One uninterrupted smoke pipeline in its own process, Prefect home and MLflow store, with what it
+    ended with and the default privacy search taken at once: the opt-in request later adds to its stores."""
+    run = reliability.reference_run(tmp_path_factory.mktemp("reference"))
+    records = reliability.forget_records(run)
+    return {
+        "run": run,
+        "records": records,
+        "outcome": reliability.run_outcome(run),
+        "default_hits": reliability.privacy_hits(run, records),
+        "stores": [str(path.relative_to(run.root)) for path in reliability.privacy_stores(run)],
+    }
 
 
 @pytest.fixture(scope="module")
 def crashed(tmp_path_factory) -> dict:
     return reliability.crash_run(tmp_path_factory.mktemp("crashed"))
-
-
-@pytest.fixture(scope="module")
-def default_hits(reference) -> list:
-    return reliability.privacy_hits(reference, reliability.forget_records(reference))
 
 
 def test_a_run_sigkilled_in_training_and_in_a_checkpoint_write_ends_as_an_uninterrupted_one(reference, crashed):
@@ -48,23 +52,23 @@ def test_a_run_sigkilled_in_training_and_in_a_checkpoint_write_ends_as_an_uninte
     # run's scratch space and ended with the same mask, codebook, registry and metrics.
     assert crashed["reused_stages"] == sorted(before_codebook)
     assert crashed["scratch_left"] == []
-    expected = reliability.run_outcome(reference)
+    expected = reference["outcome"]
     actual = reliability.run_outcome(crashed["run"])
     assert reliability.differences(expected, actual) == []
     assert expected["mask_ids"] and expected["registered_versions"]["codeunlearn-smoke-codebook"] == [1]
 
 
-def test_no_forget_question_or_answer_reaches_any_store(reference, default_hits):
-    stores = {str(path.relative_to(reference.root)) for path in reliability.privacy_stores(reference)}
+def test_no_forget_question_or_answer_reaches_any_store(reference):
+    stores = reference["stores"]
     # The search covers each kind of store (a vacuous search would pass too).
     assert "mlflow.db" in stores and "reference.log" in stores
     assert any(s.startswith("mlruns/") for s in stores) and any(s.startswith("outputs/smoke/report/") for s in stores)
     assert any(s.startswith("prefect/") and s.endswith(".db") for s in stores)
-    assert len(reliability.needles(reliability.forget_records(reference))) > 0
-    assert default_hits == []
+    assert len(reliability.needles(reference["records"])) > 0
+    assert reference["default_hits"] == []
 
 
-def test_the_search_finds_forget_text_a_request_logs_on_purpose(reference, default_hits):
+def test_the_search_finds_forget_text_a_request_logs_on_purpose(reference):
     """``tracking.log_raw_text: true`` logs the request's file: the same search must find it."""
-    hits = reliability.opt_in_hits(reference, reliability.forget_records(reference)[:8])
+    hits = reliability.opt_in_hits(reference["run"], reference["records"][:8])
     assert hits and any(store.startswith("mlruns/") for store, _ in hits)
