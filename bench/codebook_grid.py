@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from codeunlearn.data.records import read_jsonl_records
+from codeunlearn.io import write_json
 from codeunlearn.methods.codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
 from codeunlearn.methods.codeunlearn.gate import gate_calibration, gate_mask
 from codeunlearn.methods.codeunlearn.mask import apply_mask, random_mask_like, ranked_mask, unmask
@@ -34,6 +35,9 @@ from codeunlearn.metrics.sets import evenly_spaced
 from tasks.common import load_role
 from tasks.context import make_context
 from tasks.models import codebook_recipe, codebook_records, codebook_texts
+from tasks.resume import fingerprint
+
+CODEBOOK_FINGERPRINT = "fingerprint.json"
 
 
 def main() -> None:
@@ -63,7 +67,12 @@ def main() -> None:
     corpus = settings["codebook"]["corpus"]
     general = text_chunks(target.tokenizer, codebook_texts(ctx), corpus["chunk_tokens"], corpus["chunks_per_text"])
     started = time.perf_counter()
-    if args.codebook and (args.codebook / CODEBOOK_SPEC).exists():
+    # The cached codebook counts only if the train_codebook stage's fingerprint (settings, data and the
+    # code it runs) is the one it was saved under: older code's codebook is retrained, never reused.
+    identity = fingerprint(ctx, "train_codebook")
+    cached_identity = args.codebook / CODEBOOK_FINGERPRINT if args.codebook else None
+    cached = bool(cached_identity and cached_identity.exists() and (args.codebook / CODEBOOK_SPEC).exists())
+    if cached and json.loads(cached_identity.read_text()) == identity:
         bottleneck = load_codebook(args.codebook)
         attach_codebook(target.model, bottleneck)
         logged = [args.codebook / name for name in ("history.json", "training.json")]
@@ -76,6 +85,7 @@ def main() -> None:
         if args.codebook:
             save_codebook(bottleneck, args.codebook)
             (args.codebook / "history.json").write_text(json.dumps(history))
+            write_json(args.codebook / CODEBOOK_FINGERPRINT, identity)
     fit_s = time.perf_counter() - started
 
     splits = ctx.stage_dir("splits")

@@ -119,6 +119,17 @@ def tune_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def reliability_table(payload: dict[str, Any]) -> str:
+    """The crash comparison, the privacy search's hits, then each refusal's median time."""
+    rows = [
+        ["crash_equal (SIGKILLed twice vs uninterrupted)", fmt(payload["crash_equal"])],
+        ["privacy_hits default", fmt(payload["privacy_hits"]["default"])],
+        ["privacy_hits opt_in (`log_raw_text: true`)", fmt(payload["privacy_hits"]["opt_in"])],
+        *([f"rejection_s: {name}", fmt(seconds)] for name, seconds in sorted(payload["rejection_s"].items())),
+    ]
+    return markdown_table(["measure", "value"], rows)
+
+
 def tables(profile: str) -> str:
     out = RESULTS / profile
     parts = [
@@ -137,6 +148,7 @@ def tables(profile: str) -> str:
         ),
         *section("Refusing a bad forget file (`python -m bench.rejection`)", out / "rejection.json", rejection_table),
         *section("Tuning grid (`python -m bench.tune`): selected points", out / "tune.json", tune_table),
+        *section("Reliability (`python -m bench.reliability`)", out / "reliability.json", reliability_table),
     ]
     return "\n".join(parts)
 

@@ -27,6 +27,30 @@ SIDE_BY_SIDE = ("finetune_target", "finetune_oracle")
 STUDY_INPUTS = ("prepare_data", "validate_forget_set", "base_model", "finetune_target", "train_codebook")
 STUDIES = ("sweep", "sequential", "studies_report")
 STAGES = PIPELINE + STUDIES
+# The module holding each stage's task (``tests/test_stages.py`` checks it against ``tasks.registry``):
+# its source and the project modules it imports are part of the stage's fingerprint and DVC deps.
+STAGE_MODULES = {
+    "prepare_data": "tasks.prepare_data",
+    "validate_forget_set": "tasks.validate",
+    "base_model": "tasks.models",
+    "finetune_target": "tasks.models",
+    "finetune_oracle": "tasks.models",
+    "train_codebook": "tasks.models",
+    "select_codes": "tasks.unlearn",
+    "evaluate": "tasks.evaluate",
+    "report": "tasks.report",
+    "sweep": "tasks.sweep",
+    "sequential": "tasks.sequential",
+    "studies_report": "tasks.report",
+}
+
+
+def upstream(stage: str) -> tuple[str, ...]:
+    """The stages whose outputs ``stage`` may read: every main-job stage before it; a study reads the
+    ``STUDY_INPUTS`` and the studies before it."""
+    if stage in PIPELINE:
+        return PIPELINE[: PIPELINE.index(stage)]
+    return STUDY_INPUTS + STUDIES[: STUDIES.index(stage)]
 
 
 def stage_groups(settings: dict) -> list[tuple[str, ...]]:

@@ -95,3 +95,82 @@ def test_a_reused_oracle_evaluation_restores_the_scores_every_row_is_relative_to
     suite, row = compare.evaluate_reference.fn(ctx)
     assert row == {"forget_rouge": 0.1}
     assert suite.oracle_scores == ModelScores(**scores)
+
+
+def changed_by_code(monkeypatch, tmp_path: Path, changed_file: str) -> list[str]:
+    """The stages whose fingerprint moves when ``changed_file``'s source changes (its digest, patched)."""
+    from codeunlearn import codehash
+
+    before = fingerprints(tmp_path, {})
+    real = codehash.file_digest
+    target = codehash.REPO_ROOT / changed_file
+    monkeypatch.setattr(codehash, "file_digest", lambda path: "edited" if path == target else real(path))
+    after = fingerprints(tmp_path, {})
+    return [stage for stage in PIPELINE if before[stage] != after[stage]]
+
+
+@pytest.mark.parametrize(
+    ("changed_file", "first_changed"),
+    [
+        ("tasks/unlearn.py", "select_codes"),
+        ("tasks/evaluate.py", "evaluate"),
+        ("codeunlearn/data/splits.py", "prepare_data"),
+        ("tasks/resume.py", "prepare_data"),
+    ],
+)
+def test_changed_code_redoes_its_stage_and_every_later_one(monkeypatch, tmp_path, changed_file, first_changed):
+    order = list(PIPELINE)
+    assert changed_by_code(monkeypatch, tmp_path, changed_file) == order[order.index(first_changed) :]
+
+
+def test_a_marker_written_by_older_code_is_rejected_and_earlier_markers_are_kept(monkeypatch, tmp_path):
+    from codeunlearn import codehash
+    from codeunlearn.io import write_json
+    from tasks.resume import completed_result, marker_path
+
+    ctx = make_context("smoke", overrides={"paths": {"outputs": str(tmp_path)}})
+    for stage in PIPELINE:
+        write_json(marker_path(ctx, stage), {"fingerprint": fingerprint(ctx, stage), "result": {"stage": stage}})
+    assert all(completed_result(ctx, stage) == {"stage": stage} for stage in PIPELINE)
+    real = codehash.file_digest
+    edited = codehash.REPO_ROOT / "tasks" / "unlearn.py"
+    monkeypatch.setattr(codehash, "file_digest", lambda path: "edited" if path == edited else real(path))
+    order = list(PIPELINE)
+    redone = [stage for stage in PIPELINE if completed_result(ctx, stage) is None]
+    assert redone == order[order.index("select_codes") :]
+
+
+def test_a_study_reruns_on_its_own_code_and_on_its_inputs_code_never_on_evaluation_code(monkeypatch, tmp_path):
+    from codeunlearn import codehash
+    from tasks.resume import code_hash
+
+    before = {stage: code_hash(stage) for stage in ("sweep", "sequential", "studies_report")}
+    real = codehash.file_digest
+    edited = {codehash.REPO_ROOT / "tasks" / "evaluate.py"}
+    monkeypatch.setattr(codehash, "file_digest", lambda path: "edited" if path in edited else real(path))
+    assert {stage: code_hash(stage) for stage in before} == before
+    edited.add(codehash.REPO_ROOT / "tasks" / "sweep.py")
+    assert [stage for stage in before if code_hash(stage) != before[stage]] == ["sweep", "sequential", "studies_report"]
+
+
+def test_the_import_graph_follows_an_edited_file_and_its_new_imports(tmp_path):
+    """On a copy of the source: a real edit changes the hash, a new import joins the closure."""
+    import shutil
+
+    from codeunlearn.codehash import REPO_ROOT, files_hash, module_closure
+
+    for package in ("codeunlearn", "tasks"):
+        shutil.copytree(REPO_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    closure = module_closure("tasks.sweep", tmp_path)
+    assert tmp_path / "tasks" / "sweep.py" in closure
+    assert tmp_path / "tasks" / "compare.py" not in closure
+    hashed = files_hash(closure, tmp_path)
+    leaf = tmp_path / "tasks" / "sweep.py"
+    leaf.write_text(leaf.read_text() + "\n\ndef helper():\n    from tasks import compare  # noqa: F401\n")
+    module_closure.cache_clear()
+    from codeunlearn import codehash
+
+    codehash.file_digest.cache_clear()
+    grown = module_closure("tasks.sweep", tmp_path)
+    assert tmp_path / "tasks" / "compare.py" in grown
+    assert files_hash(closure, tmp_path) != hashed

@@ -37,3 +37,19 @@ def test_the_studies_read_only_main_job_stages_that_precede_evaluation():
     assert set(STUDY_INPUTS) <= set(order)
     assert all(order.index(name) < order.index("evaluate") for name in STUDY_INPUTS)
     assert list(STAGES) == [*PIPELINE, *STUDIES]
+
+
+def test_each_stage_module_is_the_module_of_its_registered_task():
+    from tasks.registry import TASKS
+    from tasks.stages import STAGE_MODULES
+
+    assert {name: task.fn.__module__ for name, task in TASKS.items()} == STAGE_MODULES
+
+
+def test_dvc_watches_exactly_the_code_files_the_fingerprints_hash():
+    """``python -m tasks.resume --dvc-deps`` regenerates dvc.yaml's code deps when this fails."""
+    from tasks.resume import dvc_code_deps
+
+    for name, body in dvc_stages().items():
+        code = [dep for dep in body["deps"] if dep.startswith(("codeunlearn/", "tasks/"))]
+        assert code == dvc_code_deps(name), name
