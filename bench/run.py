@@ -28,7 +28,7 @@ from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import read_json, write_json
 from codeunlearn.lm.generation import answer_token_logprobs, generate_answers
 from codeunlearn.methods import get_method
-from codeunlearn.methods.codeunlearn.mask import unmask
+from codeunlearn.methods.codeunlearn.mask import MASK_META, load_mask, unmask
 from codeunlearn.metrics.sets import evenly_spaced
 from codeunlearn.profiling import ResourceMeter
 from codeunlearn.report.leaderboard import leaderboard_rows
@@ -87,6 +87,8 @@ LATENCY_DEFINITIONS = {
     "npo_s_over_codeunlearn_request_s": "npo_s / codeunlearn_request_s, same forget set",
     "mask_unchanged_by_cache": "the mask (ids, scores, gate) with cached control statistics equals the one "
     "recomputed with a forward pass of the control",
+    "mask_equals_pipeline_mask": "the cached-statistics mask equals the mask in the profile's mask/ folder (its "
+    "pipeline's select_codes); null where there is none",
 }
 
 
@@ -156,6 +158,8 @@ def codeunlearn_in_process(ctx: RunContext, forget: list, retain: list, repeats:
     cached = request(cached_params)
     unmask(codebook.bottleneck)
     masks = [r.artifacts["code_mask"] for r in (recomputed, warm, cached)]
+    pipeline = ctx.stage_dir("mask")
+    pipeline_mask = load_mask(pipeline) if (pipeline / MASK_META).exists() else None
     return {
         "codeunlearn_method_s": median,
         "codeunlearn_method_runs_s": runs,
@@ -165,6 +169,11 @@ def codeunlearn_in_process(ctx: RunContext, forget: list, retain: list, repeats:
             (m.disabled_ids, m.scores, m.gate) == (masks[0].disabled_ids, masks[0].scores, masks[0].gate) for m in masks
         ),
         "mask_disabled_codes": len(masks[0].disabled_ids),
+        # The pipeline's select_codes mask (as the profile's last pipeline run wrote it) against the cached one.
+        "mask_equals_pipeline_mask": None
+        if pipeline_mask is None
+        else (pipeline_mask.disabled_ids, pipeline_mask.scores, pipeline_mask.gate)
+        == (masks[-1].disabled_ids, masks[-1].scores, masks[-1].gate),
     }
 
 

@@ -25,6 +25,7 @@ LATENCY_KEYS = (
     "grin_s",
     "zerounlearn_s",
     "mask_unchanged_by_cache",
+    "mask_equals_pipeline_mask",
 )
 OVERHEAD_KEYS = ("base_tokens_per_s", "codebook_tokens_per_s", "ratio", "generation_ratio", "codebook_flops_share")
 ORCHESTRATION_KEYS = ("flow_s", "library_only_s", "overhead_ratio")
