@@ -104,11 +104,13 @@ def latency(
     forget_file = ctx.stage_dir("splits") / "forget.jsonl"
     forget = read_jsonl_records(forget_file)
     retain, _ = ctx.retain_split()
-    result: dict[str, Any] = {
-        "definitions": LATENCY_DEFINITIONS,
-        **codeunlearn_in_process(ctx, forget, retain, repeats),
-    }
-    requests = [request_process(ctx, forget_file, params_file) for _ in range(repeats)]
+    in_process = codeunlearn_in_process(ctx, forget, retain, repeats)
+    print(f"latency: in-process CodeUnlearn {in_process}", flush=True)  # a long run shows what it measured so far
+    result: dict[str, Any] = {"definitions": LATENCY_DEFINITIONS, **in_process}
+    requests = []
+    for _ in range(repeats):
+        requests.append(request_process(ctx, forget_file, params_file))
+        print(f"latency: request process {requests[-1]}", flush=True)
     result["codeunlearn_request_s"] = statistics.median(r["request_s"] for r in requests)
     result["codeunlearn_request_runs_s"] = [r["request_s"] for r in requests]
     result["codeunlearn_cli_s"] = statistics.median(r["cli_s"] for r in requests)
@@ -133,6 +135,7 @@ def latency(
                     )
                 runs.append(meter.wall_s)
                 peaks.append(meter.peak_mem_mb)
+                print(f"latency: {method} {meter.wall_s:.1f} s", flush=True)
             result[f"{method}_s"] = statistics.median(runs)
             result[f"{method}_runs_s"] = runs
             result[f"{method}_peak_mem_mb"] = max(peaks)
