@@ -12,23 +12,28 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from mlflow import MlflowClient
 
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import read_json, write_json
 from codeunlearn.lm.generation import answer_token_logprobs, generate_answers
 from codeunlearn.methods import get_method
-from codeunlearn.methods.codeunlearn.mask import unmask
+from codeunlearn.methods.codeunlearn.mask import MASK_META, load_mask, unmask
 from codeunlearn.metrics.sets import evenly_spaced
 from codeunlearn.profiling import ResourceMeter
 from codeunlearn.report.leaderboard import leaderboard_rows
-from tasks.common import load_role
-from tasks.context import REPO_ROOT, RunContext, git_commit, make_context
+from tasks.common import load_role, method_params
+from tasks.context import PARAMS_FILE, REPO_ROOT, RunContext, git_commit, make_context
 
 RESULTS = REPO_ROOT / "bench" / "results"
 OVERHEAD_PROFILE = "smoke"  # Prefect/MLflow overhead is measured where it is largest relative to the work
@@ -71,25 +76,46 @@ def timed(run: Callable[[], Any], repeats: int) -> tuple[float, list[float]]:
     return statistics.median(times), times
 
 
+LATENCY_DEFINITIONS = {
+    "codeunlearn_request_s": "median over fresh `codeunlearn forget --no-evaluate` processes of the request's "
+    "request_s (its timing.json): the request flow's first task to the mask written and the new version "
+    "registered; Prefect's start and evaluation outside",
+    "codeunlearn_cli_s": "median wall time of those whole processes: imports, file checks, Prefect and MLflow included",
+    "codeunlearn_method_s": "median of CodeUnlearn's method call on the loaded codebook model, control "
+    "statistics cached",
+    "npo_s": "median of NPO's method call on the loaded target model (the scope of the earlier latency.json)",
+    "npo_s_over_codeunlearn_request_s": "npo_s / codeunlearn_request_s, same forget set",
+    "mask_unchanged_by_cache": "the mask (ids, scores, gate) with cached control statistics equals the one "
+    "recomputed with a forward pass of the control",
+    "mask_equals_pipeline_mask": "the cached-statistics mask equals the mask in the profile's mask/ folder (its "
+    "pipeline's select_codes); null where there is none",
+}
+
+
 def latency(
-    ctx: RunContext, repeats: int, baselines: list[str], baselines_from_compare: bool = False
+    ctx: RunContext,
+    repeats: int,
+    baselines: list[str],
+    baselines_from_compare: bool = False,
+    params_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Unlearning step only (no evaluation), same forget set; CodeUnlearn from the codebook model,
-    the baselines from the target model."""
-    splits = ctx.stage_dir("splits")
-    forget = read_jsonl_records(splits / "forget.jsonl")
+    """A request's latency (``LATENCY_DEFINITIONS``) against the baselines' unlearning step on the same
+    forget set: CodeUnlearn from the codebook model, the baselines from the target model."""
+    forget_file = ctx.stage_dir("splits") / "forget.jsonl"
+    forget = read_jsonl_records(forget_file)
     retain, _ = ctx.retain_split()
-    codebook = load_role(ctx, "codebook")
-
-    def codeunlearn_request() -> None:
-        unmask(codebook.bottleneck)
-        get_method("codeunlearn").unlearn(
-            codebook.model, codebook.tokenizer, forget, retain, ctx.method_params("codeunlearn", {})
-        )
-
-    median, runs = timed(codeunlearn_request, repeats)
-    unmask(codebook.bottleneck)
-    result: dict[str, Any] = {"codeunlearn_request_s": median, "codeunlearn_runs_s": runs}
+    in_process = codeunlearn_in_process(ctx, forget, retain, repeats)
+    print(f"latency: in-process CodeUnlearn {in_process}", flush=True)  # a long run shows what it measured so far
+    result: dict[str, Any] = {"definitions": LATENCY_DEFINITIONS, **in_process}
+    requests = []
+    for _ in range(repeats):
+        requests.append(request_process(ctx, forget_file, params_file))
+        print(f"latency: request process {requests[-1]}", flush=True)
+    result["codeunlearn_request_s"] = statistics.median(r["request_s"] for r in requests)
+    result["codeunlearn_request_runs_s"] = [r["request_s"] for r in requests]
+    result["codeunlearn_cli_s"] = statistics.median(r["cli_s"] for r in requests)
+    result["codeunlearn_cli_runs_s"] = [r["cli_s"] for r in requests]
+    result["codeunlearn_request_control_statistics"] = [r["control_statistics"] for r in requests]
     if baselines_from_compare:
         # The comparison already timed each baseline's unlearning step on the same model and forget set
         # (two Dask workers side by side, so under each other's load); reuse it instead of retraining.
@@ -101,15 +127,88 @@ def latency(
     else:
         target = load_role(ctx, "target")
         for method in baselines:
-            with ResourceMeter() as meter:
-                get_method(method).unlearn(
-                    target.model, target.tokenizer, forget, retain, ctx.method_params(method, {})
-                )
-            result[f"{method}_s"] = meter.wall_s
-            result[f"{method}_peak_mem_mb"] = meter.peak_mem_mb
+            runs, peaks = [], []
+            for _ in range(repeats):
+                with ResourceMeter() as meter:
+                    get_method(method).unlearn(
+                        target.model, target.tokenizer, forget, retain, ctx.method_params(method, {})
+                    )
+                runs.append(meter.wall_s)
+                peaks.append(meter.peak_mem_mb)
+                print(f"latency: {method} {meter.wall_s:.1f} s", flush=True)
+            result[f"{method}_s"] = statistics.median(runs)
+            result[f"{method}_runs_s"] = runs
+            result[f"{method}_peak_mem_mb"] = max(peaks)
     if "npo_s" in result:
-        result["npo_over_codeunlearn"] = result["npo_s"] / median
+        result["npo_s_over_codeunlearn_request_s"] = result["npo_s"] / result["codeunlearn_request_s"]
     return result
+
+
+def codeunlearn_in_process(ctx: RunContext, forget: list, retain: list, repeats: int) -> dict[str, Any]:
+    """The method call on the loaded codebook model: once recomputing everything (no statistics), then with
+    the control statistics cached (their first use computes and saves them, untimed); the masks compared."""
+    codebook = load_role(ctx, "codebook")
+    cached_params = method_params(ctx, "codeunlearn", {})
+    fresh_params = {k: v for k, v in cached_params.items() if k != "statistics_dir"}
+
+    def request(params: dict[str, Any]) -> Any:
+        unmask(codebook.bottleneck)
+        return get_method("codeunlearn").unlearn(codebook.model, codebook.tokenizer, forget, retain, params)
+
+    recomputed = request(fresh_params)
+    warm = request(cached_params)
+    median, runs = timed(lambda: request(cached_params), repeats)
+    cached = request(cached_params)
+    unmask(codebook.bottleneck)
+    masks = [r.artifacts["code_mask"] for r in (recomputed, warm, cached)]
+    pipeline = ctx.stage_dir("mask")
+    pipeline_mask = load_mask(pipeline) if (pipeline / MASK_META).exists() else None
+    return {
+        "codeunlearn_method_s": median,
+        "codeunlearn_method_runs_s": runs,
+        "codeunlearn_method_recomputed_s": recomputed.stats["select_s"],
+        "control_statistics_first_use": warm.stats["control_statistics"],
+        "mask_unchanged_by_cache": all(
+            (m.disabled_ids, m.scores, m.gate) == (masks[0].disabled_ids, masks[0].scores, masks[0].gate) for m in masks
+        ),
+        "mask_disabled_codes": len(masks[0].disabled_ids),
+        # The pipeline's select_codes mask (as the profile's last pipeline run wrote it) against the cached one.
+        "mask_equals_pipeline_mask": None
+        if pipeline_mask is None
+        else (pipeline_mask.disabled_ids, pipeline_mask.scores, pipeline_mask.gate)
+        == (masks[-1].disabled_ids, masks[-1].scores, masks[-1].gate),
+    }
+
+
+def request_process(ctx: RunContext, forget_file: Path, params_file: Path | None) -> dict[str, Any]:
+    """One fresh `codeunlearn forget --no-evaluate` process on the profile's models, in a scratch outputs
+    folder (links to the profile's models and splits, its own requests folder) and MLflow store, so every
+    run is a first request and nothing is added to the profile's deployed mask or registry."""
+    with tempfile.TemporaryDirectory(prefix="codeunlearn-latency-") as scratch:
+        root = Path(scratch)
+        outputs = root / "outputs" / ctx.profile
+        outputs.mkdir(parents=True)
+        for shared in ("models", "splits"):
+            (outputs / shared).symlink_to(ctx.stage_dir(shared), target_is_directory=True)
+        params = root / "params.yaml"
+        settings = yaml.safe_load((params_file or PARAMS_FILE).read_text())
+        settings["defaults"]["paths"]["outputs"] = str(root / "outputs")
+        settings["defaults"]["tracking"]["artifact_root"] = str(root / "mlruns")
+        params.write_text(yaml.safe_dump(settings, sort_keys=False))
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        MlflowClient(tracking_uri=uri).search_experiments()  # the store's schema is made here, outside cli_s
+        command = [sys.executable, "-m", "flows.cli", "forget", "--forget-file", str(forget_file), "--no-evaluate"]
+        command += ["--profile", ctx.profile, "--params", str(params)]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, cwd=REPO_ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+        cli_s = time.perf_counter() - started
+        (request,) = (outputs / "requests").glob("*/timing.json")
+        unlearned = read_json(request.with_name("unlearn.json"))
+        return {
+            "request_s": read_json(request)["request_s"],
+            "cli_s": cli_s,
+            "control_statistics": unlearned["control_statistics"],
+        }
 
 
 def overhead(ctx: RunContext, prompts: int) -> dict[str, Any]:
@@ -217,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     if "latency" in args.only:
         write_json(
             out / "latency.json",
-            stamp(ctx, latency(ctx, args.repeats, baselines, args.baselines_from_compare)),
+            stamp(ctx, latency(ctx, args.repeats, baselines, args.baselines_from_compare, args.params)),
         )
     if "overhead" in args.only:
         write_json(out / "overhead.json", stamp(ctx, overhead(ctx, bench["overhead_prompts"])))

@@ -16,7 +16,18 @@ from codeunlearn.report.leaderboard import to_markdown
 from codeunlearn.report.tables import markdown_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LATENCY_KEYS = ("codeunlearn_request_s", "ga_s", "npo_s", "grin_s", "zerounlearn_s", "npo_over_codeunlearn")
+LATENCY_KEYS = (
+    "codeunlearn_request_s",
+    "codeunlearn_cli_s",
+    "codeunlearn_method_s",
+    "npo_s",
+    "npo_s_over_codeunlearn_request_s",
+    "ga_s",
+    "grin_s",
+    "zerounlearn_s",
+    "mask_unchanged_by_cache",
+    "mask_equals_pipeline_mask",
+)
 OVERHEAD_KEYS = ("base_tokens_per_s", "codebook_tokens_per_s", "ratio", "generation_ratio", "codebook_flops_share")
 ORCHESTRATION_KEYS = ("flow_s", "library_only_s", "overhead_ratio")
 PROFILES = ("default", "smoke")

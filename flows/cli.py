@@ -106,8 +106,11 @@ def forget(
     method: str = typer.Option("codeunlearn", help="unlearning method (see codeunlearn.methods.METHODS)"),
     profile: str = typer.Option(None, help="profile in params.yaml (default: its `profile` field)"),
     params: str = typer.Option(None, help="params file (default: the repository's params.yaml)"),
+    evaluate: bool = typer.Option(
+        True, help="score the model before and after and write the audit record (--no-evaluate: stop once registered)"
+    ),
 ) -> None:
-    """Validate the forget (and retain) file, unlearn it, evaluate, and register the new model version."""
+    """Validate the forget (and retain) file, unlearn it, register the new model version, evaluate it."""
     forget = _read_request_files(forget_file, retain_file, kind, profile, params)
     _check_against_profile(forget, profile, params)
     _check_method(method, forget)
@@ -124,11 +127,13 @@ def forget(
             params_file=params,
             retain_file=retain_file,
             kind=str(forget.kind),
+            evaluate=evaluate,
         )
     except (DataError, ForgetSetValidationError, FileNotFoundError, KeyError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
-    typer.echo(json.dumps({k: result[k] for k in ("request_id", "unlearn", "metrics", "registered")}, indent=2))
+    shown = ("request_id", "unlearn", "metrics", "registered", "timing_s")
+    typer.echo(json.dumps({k: result[k] for k in shown}, indent=2))
 
 
 @app.command()

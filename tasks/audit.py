@@ -45,18 +45,21 @@ from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import flatten_metrics
 from tasks import tracking
 from tasks.common import (
+    TIMING_FILE,
     audit_attacks,
     deploy,
     forget_records,
     model_dir,
     neighbour_sets,
+    request_timing,
     requests_dir,
     retain_eval,
     tag_version,
 )
 from tasks.context import RunContext, torch_threads
 
-REQUEST_FILES = ("unlearn.json", "metrics.json", "validation/report.json")  # a request's own files a record hashes
+# A request's own files a record hashes.
+REQUEST_FILES = ("unlearn.json", "metrics.json", TIMING_FILE, "validation/report.json")
 
 
 def snapshot_files(state: Path, out: Path) -> None:
@@ -136,7 +139,8 @@ def audit_request(
         attacks, skipped = audit_attacks(ctx, checkpoint, forget, retain, metrics["after"])
     if retain_file is None:
         skipped["neighbour_ratio"] = "no neighbour set (--retain-file) in this request"
-    timing = {"attacks": time.perf_counter() - started}
+    # request_s: the request up to its version registered; evaluate_s: its before/after scores.
+    timing = {**request_timing(ctx, request_id), "attacks": time.perf_counter() - started}
     all_metrics = {"before": metrics["before"], "after": metrics["after"], **attacks, "timing_s": timing}
     neighbours = neighbour_sets(ctx, retain_file)
     neighbour = neighbour_summary(retain_file, *neighbours, metrics) if neighbours is not None else None

@@ -41,6 +41,18 @@ def base_pointer(ctx: RunContext) -> Path:
     return ctx.stage_dir("models") / "base.json"
 
 
+def statistics_dir(ctx: RunContext, role: str) -> Path:
+    """Where a method keeps what it computes once per model of ``role`` and reuses across requests (beside
+    the model: CodeUnlearn's control statistics, one folder per control data, each naming its codebook)."""
+    return model_dir(ctx, role).with_name(f"{role}_statistics")
+
+
+def method_params(ctx: RunContext, method: str, provenance: dict[str, Any]) -> dict[str, Any]:
+    """``ctx.method_params`` plus the method's ``statistics_dir`` (``statistics_dir`` of its base role)."""
+    base_role = get_method(method).base_role
+    return {**ctx.method_params(method, provenance), "statistics_dir": str(statistics_dir(ctx, base_role))}
+
+
 def load_role(ctx: RunContext, role: str) -> Checkpoint:
     """Load a stage's checkpoint; the base model may live in the shared cache (see ``base_model``)."""
     directory = model_dir(ctx, role)
@@ -80,7 +92,7 @@ def run_method(
     checkpoint = load_role(ctx, unlearning.base_role)
     if deployed is not None:
         unlearning.resume(checkpoint, deployed)
-    params = ctx.method_params(method, provenance)
+    params = method_params(ctx, method, provenance)
     with ResourceMeter() as meter:
         result = unlearning.unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
     saved = unlearning.save(result, checkpoint.tokenizer, out, deployed)
@@ -96,6 +108,21 @@ def deploy(ctx: RunContext, method: str, saved: Path) -> Checkpoint:
 
 def requests_dir(ctx: RunContext) -> Path:
     return ctx.stage_dir("requests")
+
+
+TIMING_FILE = "timing.json"  # a request's request_s (unlearn + register) and evaluate_s, written as each ends
+
+
+def record_timing(out: Path, **seconds: float) -> None:
+    """Add ``seconds`` to the request's timing file (``TIMING_FILE``)."""
+    path = out / TIMING_FILE
+    write_json(path, {**(read_json(path) if path.exists() else {}), **seconds})
+
+
+def request_timing(ctx: RunContext, request_id: str) -> dict[str, float]:
+    """The request's recorded ``request_s`` and ``evaluate_s`` (those measured so far)."""
+    path = requests_dir(ctx) / request_id / TIMING_FILE
+    return read_json(path) if path.exists() else {}
 
 
 def registered_name(ctx: RunContext, method: str) -> str:

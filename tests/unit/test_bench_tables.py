@@ -16,14 +16,14 @@ def test_tables_show_every_benchmark_value_and_its_machine(tmp_path, monkeypatch
         {
             "codeunlearn_request_s": 12.5,
             "npo_s": 50.0,
-            "npo_over_codeunlearn": 4.0,
+            "npo_s_over_codeunlearn_request_s": 4.0,
             "machine": MACHINE,
             "git_commit": "abc1234567890",
         },
     )
     text = tables.tables("default")
     assert "| codeunlearn_request_s | 12.500 |" in text
-    assert "| npo_over_codeunlearn | 4.000 |" in text
+    assert "| npo_s_over_codeunlearn_request_s | 4.000 |" in text
     assert "| ga_s | n/a |" in text
     assert "Test CPU, 2 cores" in text and "commit abc1234567" in text
     assert "overhead.json: not measured yet" in text

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, GateSpec, peak_fire_rate
+from codeunlearn.methods.codeunlearn.control_stats import ControlStatistics
 from codeunlearn.methods.codeunlearn.counting import ranked_code_batches
 from codeunlearn.methods.codeunlearn.mask import CodeMask
 from codeunlearn.methods.codeunlearn.select import SelectionSpec
@@ -60,9 +61,7 @@ def calibrate_gate(
     """
     if not records:
         raise ValueError("the gate needs calibration records (the retain set): none were given")
-    if not watch_ids:
-        raise ValueError("the gate needs at least one code to watch")
-    gate = GateSpec(threshold=0.0, min_tokens=calibration.min_tokens, watch_ids=tuple(int(i) for i in watch_ids))
+    gate = _unset_gate(watch_ids, calibration)
     watched = gate.watched(bottleneck.spec.num_codes)
     peaks = []
     batches = ranked_code_batches(
@@ -80,8 +79,35 @@ def calibrate_gate(
     )
     for ids, _, real in batches:
         peaks.append(peak_fire_rate(watched[ids].any(-1), real, calibration.min_tokens))
-    threshold = float(np.quantile(torch.cat(peaks).double().numpy(), calibration.quantile))
-    return replace(gate, threshold=threshold)
+    return replace(gate, threshold=_quantile(torch.cat(peaks), calibration.quantile))
+
+
+def calibrate_gate_from_statistics(
+    statistics: ControlStatistics, watch_ids: Sequence[int], calibration: GateCalibration
+) -> GateSpec:
+    """``calibrate_gate`` on the cached control statistics of its records: the same threshold, no forward pass."""
+    if statistics.counting.batch_size != calibration.batch_size or statistics.counting.max_length != (
+        calibration.max_length
+    ):
+        raise ValueError(
+            f"control statistics batched as {statistics.counting}, the gate calibrates with batch_size "
+            f"{calibration.batch_size} and max_length {calibration.max_length}"
+        )
+    gate = _unset_gate(watch_ids, calibration)
+    peaks = statistics.peak_fire_rates(gate.watched(statistics.num_codes), calibration.min_tokens)
+    return replace(gate, threshold=_quantile(peaks, calibration.quantile))
+
+
+def _unset_gate(watch_ids: Sequence[int], calibration: GateCalibration) -> GateSpec:
+    if not watch_ids:
+        raise ValueError("the gate needs at least one code to watch")
+    return GateSpec(threshold=0.0, min_tokens=calibration.min_tokens, watch_ids=tuple(int(i) for i in watch_ids))
+
+
+def _quantile(peaks: torch.Tensor, quantile: float) -> float:
+    if len(peaks) == 0:
+        raise ValueError("the gate needs calibration records (the retain set): none were given")
+    return float(np.quantile(peaks.double().numpy(), quantile))
 
 
 def gate_mask(
@@ -92,9 +118,13 @@ def gate_mask(
     records: Sequence[Any],
     calibration: GateCalibration,
     progress: bool = False,
+    statistics: ControlStatistics | None = None,
 ) -> CodeMask:
-    """``mask`` behind a gate calibrated on ``records`` (the set it should spare). The gate watches the
-    codes of the gate already on the bottleneck (earlier requests), then this mask's top-ranked ones."""
+    """``mask`` behind a gate calibrated on ``records`` (the set it should spare), or on their cached
+    ``statistics``. The gate watches the codes of the gate already on the bottleneck (earlier requests),
+    then this mask's top-ranked ones."""
     earlier = bottleneck.gate.watch_ids if bottleneck.gate is not None else ()
     watched = watch_list(mask.disabled_ids, calibration, earlier)
+    if statistics is not None:
+        return replace(mask, gate=calibrate_gate_from_statistics(statistics, watched, calibration))
     return replace(mask, gate=calibrate_gate(model, bottleneck, tokenizer, records, watched, calibration, progress))

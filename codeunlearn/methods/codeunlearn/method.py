@@ -8,6 +8,7 @@ with ``mask.unmask`` and cumulative across requests: the deployed model is the c
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -18,7 +19,15 @@ import torch
 from codeunlearn.data.records import records_sha256
 from codeunlearn.io import read_json
 from codeunlearn.methods.base import UnlearningMethod, UnlearnJob, UnlearnResult, register_method
-from codeunlearn.methods.codeunlearn.codebook import attached_codebook
+from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, attached_codebook, codebook_sha256
+from codeunlearn.methods.codeunlearn.control_stats import (
+    ControlStatistics,
+    CountingSettings,
+    StaleControlStatisticsError,
+    compute_control_statistics,
+    load_control_statistics,
+    save_control_statistics,
+)
 from codeunlearn.methods.codeunlearn.controls import build_control
 from codeunlearn.methods.codeunlearn.gate import gate_calibration, gate_mask
 from codeunlearn.methods.codeunlearn.mask import (
@@ -31,13 +40,17 @@ from codeunlearn.methods.codeunlearn.mask import (
     mask_without,
     save_mask,
 )
-from codeunlearn.methods.codeunlearn.select import SelectionSpec, select_mask
+from codeunlearn.methods.codeunlearn.select import SelectionSpec, ranking_depth, select_mask
 from codeunlearn.models.load import Checkpoint
 
 ACTIVE_MASK = "active_mask"  # under a profile's requests folder: the union of every request's codes
 MASK_FILES = (MASK_TENSORS, MASK_META)
 CODEBOOK_META = "codebook.json"
 WEIGHT_PATTERNS = ("*.safetensors", "*.json")
+# A control that does not depend on the forget set, whose statistics can be cached across requests.
+CACHEABLE_CONTROL = "retain"
+
+log = logging.getLogger(__name__)
 
 
 def codebook_sha256_of(base_dir: Path) -> str:
@@ -69,17 +82,35 @@ class CodeUnlearn(UnlearningMethod):
             "control": params["control"],
             "control_sha256": records_sha256(control),
         }
-        mask, _ = select_mask(model, bottleneck, job.tokenizer, forget, control, spec, provenance, retain=retain)
+        statistics, cache_state = None, "off"
+        cache_root = params.get("statistics_dir")
+        if cache_root is not None and params["control"] == CACHEABLE_CONTROL:
+            statistics, cache_state = cached_control_statistics(
+                Path(cache_root), model, bottleneck, job.tokenizer, control, spec, provenance["control_sha256"]
+            )
+        mask, _ = select_mask(
+            model,
+            bottleneck,
+            job.tokenizer,
+            forget,
+            control,
+            spec,
+            provenance,
+            retain=retain,
+            control_ranking=statistics.ranking() if statistics is not None else None,
+        )
         if params["gate"]["enabled"]:
-            # Calibrated on the retain set; it also watches an earlier request's codes.
+            # Calibrated on the retain set (the control itself when its statistics are cached); it also
+            # watches an earlier request's codes.
             calibration = gate_calibration(params["gate"], spec)
-            mask = gate_mask(model, bottleneck, job.tokenizer, mask, retain, calibration)
+            mask = gate_mask(model, bottleneck, job.tokenizer, mask, retain, calibration, statistics=statistics)
         apply_mask(bottleneck, mask)
         gate_stats = {"gate_threshold": mask.gate.threshold} if mask.gate is not None else {}
         return UnlearnResult(
             model=model,
             stats={
                 **gate_stats,
+                "control_statistics": cache_state,
                 "disabled_codes": len(mask.disabled_ids),
                 "total_disabled_codes": int(bottleneck.disabled.sum()),
                 "enriched_codes": mask.provenance["enriched_codes"],
@@ -164,3 +195,50 @@ class CodeUnlearn(UnlearningMethod):
                 "reason": f"codebook.json sha256 {codebook[:12]}..., registered {str(registered)[:12]}...",
             },
         ]
+
+
+def cached_control_statistics(
+    root: Path,
+    model: torch.nn.Module,
+    bottleneck: CodebookBottleneck,
+    tokenizer: Any,
+    control: Sequence[Any],
+    spec: SelectionSpec,
+    control_sha256: str,
+) -> tuple[ControlStatistics, str]:
+    """The control's statistics from ``root`` (one folder per control data hash), computed and saved there
+    when missing, stale (another codebook, control or batching: refused with both hashes, logged) or too
+    shallow for the codes already disabled. Returns them and which of "cached", "computed",
+    "recomputed: stale", "recomputed: too shallow" happened."""
+    directory = root / control_sha256[:16]
+    counting = CountingSettings(spec.batch_size, spec.max_length, spec.positions)
+    codebook = codebook_sha256(bottleneck)
+    depth = ranking_depth(spec, bottleneck.spec.k)
+    disabled = int(bottleneck.disabled.sum())
+    state = "computed"
+    try:
+        statistics = load_control_statistics(
+            directory, codebook_sha256=codebook, control_sha256=control_sha256, counting=counting
+        )
+        if statistics.covers(depth, disabled):
+            return statistics, "cached"
+        state = "recomputed: too shallow"
+    except FileNotFoundError:
+        pass
+    except StaleControlStatisticsError as err:
+        log.warning("%s; recomputing them", err)
+        state = "recomputed: stale"
+    # Room for one more request's codes, so the next request on a bottleneck codebook reuses the cache.
+    headroom = spec.num_codes_to_disable if not bottleneck.residual else 0
+    statistics = compute_control_statistics(
+        model,
+        bottleneck,
+        tokenizer,
+        control,
+        depth=depth + disabled + headroom,
+        counting=counting,
+        codebook_sha256=codebook,
+        control_sha256=control_sha256,
+    )
+    save_control_statistics(statistics, directory)
+    return statistics, state

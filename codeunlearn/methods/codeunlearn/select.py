@@ -120,6 +120,16 @@ def _select_once(
     return mask, enrichment
 
 
+def ranking_depth(spec: SelectionSpec, k: int) -> int:
+    """How many codes per token a selection ranks: enough for every round, as at most per_round x
+    (rounds - 1) codes are disabled before the last."""
+    return k + _per_round(spec) * (spec.rounds - 1)
+
+
+def _per_round(spec: SelectionSpec) -> int:
+    return -(-spec.num_codes_to_disable // spec.rounds)
+
+
 def select_mask(
     model: nn.Module,
     bottleneck: CodebookBottleneck,
@@ -130,6 +140,7 @@ def select_mask(
     provenance: dict[str, Any],
     progress: bool = False,
     retain: Sequence[Any] | None = None,
+    control_ranking: CodeRanking | None = None,
 ) -> tuple[CodeMask, Enrichment]:
     """CodeUnlearn's zero-shot step: S' forget-enriched codes, found in ``spec.rounds`` rounds.
 
@@ -137,6 +148,9 @@ def select_mask(
     place can be chosen next. The mask changes only what the codebook outputs, never its input, so
     the forget, control (and retain) sets are each run through the model once, up to the codebook,
     and every round re-counts them exactly from the tokens' code rankings (see ``CodeRanking``).
+
+    ``control_ranking``, the control's cached unmasked ranking (``ControlStatistics.ranking``), replaces
+    the control's forward pass; it must rank deep enough for the codes already disabled and every round.
 
     The ids come out in the order they were chosen, so a prefix is the selection at a smaller S'.
     The bottleneck's mask is never touched.
@@ -146,15 +160,14 @@ def select_mask(
     if spec.protect_retain and retain is None:
         raise ValueError("protect_retain needs the retain records")
     counting = {"batch_size": spec.batch_size, "max_length": spec.max_length, "positions": spec.positions}
-    per_round = -(-spec.num_codes_to_disable // spec.rounds)
-    # Deep enough for every round: at most per_round x (rounds - 1) codes are disabled before the last.
-    depth = bottleneck.spec.k + per_round * (spec.rounds - 1)
+    per_round = _per_round(spec)
+    depth = ranking_depth(spec, bottleneck.spec.k)
 
     def rank(records: Sequence[Any]) -> CodeRanking:
         return rank_codes(model, bottleneck, tokenizer, records, depth=depth, progress=progress, **counting)
 
     forget_ranking = rank(forget)
-    control_ranking = rank(control)
+    control_ranking = control_ranking if control_ranking is not None else rank(control)
     retain_ranking = rank(retain) if spec.protect_retain else None
     codebook = (codebook_sha256(bottleneck), bottleneck.spec.num_codes)
     disabled = bottleneck.disabled.detach().cpu().clone()
