@@ -41,6 +41,8 @@ FIRST_READER = {
     "compare": None,
     "bench": None,
     "audit": None,
+    "request": None,  # a request's neighbour split: requests only
+    "forget_set": None,  # a request's files (size limit, how passages are scored): requests only
 }
 # Switches that change how a run is shown or resumed, never what it computes.
 NOT_RESULTS = ("progress", "resume")
