@@ -15,7 +15,13 @@ from codeunlearn.attacks.quantize import quantization_specs
 from codeunlearn.audit.attacks import AuditSettings, attack_metrics
 from codeunlearn.audit.record import split_version
 from codeunlearn.checkpoints import load_checkpoint
-from codeunlearn.data.forget_files import RecordFile, RecordKind, check_unique, load_record_file, unlearning_records
+from codeunlearn.data.forget_files import (
+    RecordFile,
+    RecordKind,
+    load_record_file,
+    read_request_files,
+    unlearning_records,
+)
 from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
 from codeunlearn.data.records import QARecord
 from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
@@ -168,9 +174,7 @@ def retain_eval(ctx: RunContext) -> list:
 
 def read_forget_file(ctx: RunContext, forget_file: str, kind: str | None = None) -> RecordFile:
     """A request's forget file, of ``kind`` or of the kind its first row shows, checked for repeats."""
-    records = load_record_file(forget_file, kind, ctx.settings["forget_set"]["max_bytes"])
-    check_unique(records)
-    return records
+    return read_request_files(forget_file, None, ctx.settings["forget_set"]["max_bytes"], kind)[0]
 
 
 def forget_records(ctx: RunContext, forget_file: str, kind: str | None = None) -> list[Any]:

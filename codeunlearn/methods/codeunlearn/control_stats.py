@@ -26,7 +26,7 @@ from torch import nn
 
 from codeunlearn.io import atomic_write_bytes
 from codeunlearn.methods.codeunlearn.codebook import CodebookBottleneck, peak_fire_rate
-from codeunlearn.methods.codeunlearn.counting import CodeRanking, ranked_code_batches
+from codeunlearn.methods.codeunlearn.counting import CodeRanking, ranked_code_batches, ranking_depth
 
 STATS_TENSORS = "control_stats.safetensors"
 STATS_META = "control_stats.json"
@@ -95,7 +95,7 @@ def compute_control_statistics(
     progress: bool = False,
 ) -> ControlStatistics:
     """One forward pass of ``records`` up to the codebook: every real token's ``depth`` best codes."""
-    depth = min(max(depth, bottleneck.spec.k), bottleneck.spec.num_codes)
+    depth = ranking_depth(bottleneck, depth)
     ids, counted, lengths = [], [], []
     batches = ranked_code_batches(
         model,

@@ -159,6 +159,11 @@ def ranked_code_batches(
         model.train(was_training)
 
 
+def ranking_depth(bottleneck: CodebookBottleneck, depth: int) -> int:
+    """The codes ranked per token: at least the ``k`` the codebook selects, at most all of them."""
+    return min(max(depth, bottleneck.spec.k), bottleneck.spec.num_codes)
+
+
 @torch.inference_mode()
 def rank_codes(
     model: nn.Module,
@@ -173,7 +178,7 @@ def rank_codes(
     progress: bool = False,
 ) -> CodeRanking:
     """Each counted token's ``depth`` most similar codes under the bottleneck's current mask."""
-    depth = min(max(depth, bottleneck.spec.k), bottleneck.spec.num_codes)
+    depth = ranking_depth(bottleneck, depth)
     counting = {"batch_size": batch_size, "max_length": max_length, "positions": positions}
     batches = ranked_code_batches(
         model,
