@@ -34,9 +34,10 @@ def save_checkpoint(
             save_codebook(bottleneck, staging)
 
 
-def load_checkpoint(directory: Path, device: str | torch.device = "cpu") -> Checkpoint:
-    """Load a checkpoint; a codebook saved beside the weights is attached again by forward hook."""
-    checkpoint = load_model_dir(directory, device)
+def load_checkpoint(directory: Path, device: str | torch.device = "cpu", num_layers: int | None = None) -> Checkpoint:
+    """Load a checkpoint (its first ``num_layers`` decoder blocks only, when given: ``load_model_dir``); a
+    codebook saved beside the weights is attached again by forward hook."""
+    checkpoint = load_model_dir(directory, device, num_layers)
     if (directory / CODEBOOK_SPEC).exists():
         checkpoint.bottleneck = load_codebook(directory).to(device)
         checkpoint.bottleneck.eval()

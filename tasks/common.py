@@ -59,12 +59,13 @@ def method_params(ctx: RunContext, method: str, provenance: dict[str, Any]) -> d
     return {**ctx.method_params(method, provenance), "statistics_dir": str(statistics_dir(ctx, base_role))}
 
 
-def load_role(ctx: RunContext, role: str) -> Checkpoint:
-    """Load a stage's checkpoint; the base model may live in the shared cache (see ``base_model``)."""
+def load_role(ctx: RunContext, role: str, num_layers: int | None = None) -> Checkpoint:
+    """Load a stage's checkpoint (its first ``num_layers`` blocks only, when given); the base model may live
+    in the shared cache (see ``base_model``)."""
     directory = model_dir(ctx, role)
     if role == "base":
         directory = Path(read_json(base_pointer(ctx))["checkpoint"])
-    return load_checkpoint(directory, resolve_device(ctx.settings["device"]))
+    return load_checkpoint(directory, resolve_device(ctx.settings["device"]), num_layers)
 
 
 # ------------------------------------------------------------------------------------ methods
@@ -75,7 +76,7 @@ class MethodRun:
     """One method's unlearning step: its result, the model it started from, and what it cost."""
 
     result: UnlearnResult
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint  # only the blocks the method reads (``UnlearningMethod.blocks_needed``)
     wall_s: float
     peak_mem_mb: float
     deployed: dict[str, Any]  # what ``save`` reported about a request's deployed state
@@ -95,7 +96,8 @@ def run_method(
     state, which a cumulative method starts from and adds to. Wall time and peak memory cover the
     unlearning step only."""
     unlearning = get_method(method)
-    checkpoint = load_role(ctx, unlearning.base_role)
+    role = unlearning.base_role
+    checkpoint = load_role(ctx, role, unlearning.blocks_needed(model_dir(ctx, role)))
     if deployed is not None:
         unlearning.resume(checkpoint, deployed)
     params = method_params(ctx, method, provenance)

@@ -49,6 +49,7 @@ def code_usage(
         "batch_size": select["batch_size"],
         "max_length": select["max_length"],
         "positions": select["positions"],
+        "shared_prefix": select["shared_prefix"],
     }
     forget = count_codes(checkpoint.model, checkpoint.bottleneck, checkpoint.tokenizer, forget_records, **counting)
     kept = count_codes(checkpoint.model, checkpoint.bottleneck, checkpoint.tokenizer, retain_records, **counting)

@@ -106,6 +106,11 @@ class UnlearningMethod(ABC):
             raise KeyError(f"params.yaml: no block 'methods.{self.name}'")
         return block
 
+    def blocks_needed(self, base_dir: Path) -> int | None:
+        """How many leading decoder blocks of the base model (saved in ``base_dir``) ``run`` reads; a request
+        loads only those. None: the whole model (every method that edits or trains weights)."""
+        return None
+
     def save(self, result: UnlearnResult, tokenizer: Any, out: Path, deployed: Path | None = None) -> dict[str, Any]:
         """Write the result to ``out / saved_as``; a request passes its ``deployed_state``, which a cumulative
         method folds the result into. Returns what to report about the deployed state."""

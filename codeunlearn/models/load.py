@@ -25,12 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as transformers_logging
 
 from codeunlearn.io import atomic_dir, remove_dead_scratch, scratch_name
 from codeunlearn.models.device import resolve_device
@@ -253,17 +255,40 @@ class Checkpoint:
     bottleneck: Any = None
 
 
-def load_model_dir(directory: Path, device: str | torch.device = "cpu") -> Checkpoint:
+def load_model_dir(directory: Path, device: str | torch.device = "cpu", num_layers: int | None = None) -> Checkpoint:
     """A saved model directory (``save_model``, a stage checkpoint) in fp32 and eval mode on ``device``;
-    the tokenizer pads with EOS when it has no pad token."""
+    the tokenizer pads with EOS when it has no pad token.
+
+    ``num_layers``: only the first decoder blocks (and the embeddings), for work that never reads past
+    them; the safetensors are memory-mapped, so the other blocks' weights are never read (SmolLM2-135M,
+    16 of 30 blocks: 0.04 s against 0.3 s).
+    """
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory}: not a model checkpoint (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).to(device)
+    model = _from_pretrained(directory, num_layers).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return Checkpoint(model=model, tokenizer=tokenizer)
+
+
+def _from_pretrained(directory: Path, num_layers: int | None) -> PreTrainedModel:
+    if num_layers is None:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(directory)
+    if not 0 < num_layers <= config.num_hidden_layers:
+        raise ValueError(f"{directory}: cannot load {num_layers} of its {config.num_hidden_layers} decoder blocks")
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):  # per-block attention kinds, where the architecture has them
+        config.layer_types = config.layer_types[:num_layers]
+    # The blocks left out are reported as unexpected weights: by design here, so not worth a warning.
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def save_model(

@@ -245,3 +245,21 @@ def sequential_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
             ax.set_axis_off()
             ax.text(0.5, 0.5, f"{name}: {result.get('skipped', 'not run')}", ha="center", va="center", wrap=True)
     save_figure(fig, path)
+
+
+def request_frontier_plot(result: dict[str, Any], path: Path) -> None:
+    """One request's selection settings: forget ROUGE after/before against held-out neighbour ROUGE
+    after/before, each point labelled by its settings, the two bars dashed (``bench.generic_frontier``)."""
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for point in result["points"]:
+        x, y = point["ratios"]["neighbour_rouge"], point["ratios"]["forget_rouge"]
+        ax.scatter([x], [y], s=30, color="tab:green" if point["both_bars_met"] else "tab:blue")
+        label = ", ".join(f"{k}={v}" for k, v in point["override"].items()) or "profile settings"
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    bars = result["bar_values"]
+    ax.axhline(bars["forget_rouge"], color="grey", linestyle="--", linewidth=1)
+    ax.axvline(bars["neighbour_rouge"], color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel(f"held-out neighbour ROUGE, after / before (higher is better; bar >= {bars['neighbour_rouge']})")
+    ax.set_ylabel(f"forget ROUGE, after / before (lower is better; bar <= {bars['forget_rouge']})")
+    ax.set_title("Generic request: CodeUnlearn's selection settings (green: both bars met)", fontsize=10)
+    save_figure(fig, path)

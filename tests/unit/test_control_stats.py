@@ -1,5 +1,6 @@
 """Cached control statistics: a request that reads the control's cached code ids selects and gates exactly
-as one that forwards the control again, and statistics of another codebook or control are refused."""
+as one that forwards the control again, and statistics of another codebook or control are refused. Counting
+with a shared prompt prefix run once gives the codes a whole forward pass gives."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from codeunlearn.methods.codeunlearn.control_stats import (
     load_control_statistics,
     save_control_statistics,
 )
+from codeunlearn.methods.codeunlearn.counting import _encoded, rank_codes, shared_prefix_length
 from codeunlearn.methods.codeunlearn.gate import GateCalibration, calibrate_gate, calibrate_gate_from_statistics
 from codeunlearn.methods.codeunlearn.select import SelectionSpec
 from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
@@ -47,9 +49,10 @@ def codebook_model(tokenizer, mode: str, seed: int = 0):
     return model, bottleneck
 
 
-def method_params(statistics_dir=None) -> dict:
+def method_params(statistics_dir=None, shared_prefix: bool = False) -> dict:
     params = {
         **asdict(SELECTION),
+        "shared_prefix": shared_prefix,
         "control": "retain",
         "name_min_mentions": 5,
         "gate": {"enabled": True, "quantile": 0.9, "min_tokens": 2, "watch_codes": 3},
@@ -68,15 +71,18 @@ def same_mask(first, second) -> None:
     assert a.gate == b.gate
 
 
+@pytest.mark.parametrize("shared_prefix", [False, True])
 @pytest.mark.parametrize("mode", sorted(MODES))
-def test_cached_and_recomputed_statistics_give_the_same_masks_bit_for_bit(mode, tmp_path, tiny_tokenizer, tiny_qa):
+def test_cached_and_recomputed_statistics_give_the_same_masks_bit_for_bit(
+    mode, shared_prefix, tmp_path, tiny_tokenizer, tiny_qa
+):
     recomputed_model, _ = codebook_model(tiny_tokenizer, mode)
     cached_model, _ = codebook_model(tiny_tokenizer, mode)
     # The first request computes and saves the statistics, the second (on top of the first's mask) reads them.
     states = []
     for _ in range(2):
-        recomputed = request(recomputed_model, tiny_tokenizer, tiny_qa, method_params())
-        cached = request(cached_model, tiny_tokenizer, tiny_qa, method_params(tmp_path))
+        recomputed = request(recomputed_model, tiny_tokenizer, tiny_qa, method_params(shared_prefix=shared_prefix))
+        cached = request(cached_model, tiny_tokenizer, tiny_qa, method_params(tmp_path, shared_prefix))
         same_mask(recomputed, cached)
         assert recomputed.artifacts["code_mask"].disabled_ids
         assert recomputed.stats["control_statistics"] == "off"
@@ -161,3 +167,29 @@ def test_a_control_built_from_the_forget_set_is_never_cached(tmp_path, tiny_toke
     result = request(model, tiny_tokenizer, records, params)
     assert result.stats["control_statistics"] == "off"
     assert not any(tmp_path.iterdir())
+
+
+def test_the_shared_prefix_is_what_every_record_starts_with_leaving_each_a_token(tiny_tokenizer, tiny_qa):
+    records = tiny_qa["forget"] + tiny_qa["retain"]
+    encoded = _encoded(tiny_tokenizer, records, SELECTION.max_length)
+    length = shared_prefix_length(encoded)
+    assert length >= 2  # BOS and the plain prompt frame's "Question:"
+    assert len({tuple(e.input_ids[:length]) for e in encoded}) == 1
+    assert len({e.input_ids[length] for e in encoded}) > 1
+    one = _encoded(tiny_tokenizer, records[:1], SELECTION.max_length)
+    assert shared_prefix_length(one) == len(one[0].input_ids) - 1
+    assert shared_prefix_length([]) == 0
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_counting_after_a_shared_prefix_ranks_the_codes_a_whole_forward_ranks(mode, positions, tiny_tokenizer, tiny_qa):
+    model, bottleneck = codebook_model(tiny_tokenizer, mode)
+    records = tiny_qa["forget"] + tiny_qa["retain"]
+    counting = {"batch_size": SELECTION.batch_size, "max_length": SELECTION.max_length, "positions": positions}
+    whole = rank_codes(model, bottleneck, tiny_tokenizer, records, depth=10, **counting)
+    shared = rank_codes(model, bottleneck, tiny_tokenizer, records, depth=10, shared_prefix=True, **counting)
+    k = bottleneck.spec.k
+    assert shared.tokens == whole.tokens
+    assert torch.equal(shared.ids[:, :k], whole.ids[:, :k])
+    assert torch.equal(shared.counts().counts, whole.counts().counts)

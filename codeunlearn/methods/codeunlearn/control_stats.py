@@ -43,6 +43,7 @@ class CountingSettings:
     batch_size: int
     max_length: int
     positions: str
+    shared_prefix: bool = False  # the control's common leading tokens ran once (``counting``)
 
 
 @dataclass(frozen=True)

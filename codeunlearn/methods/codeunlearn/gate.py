@@ -29,11 +29,14 @@ class GateCalibration:
     batch_size: int
     max_length: int
     watch_codes: int  # how many of the mask's top-ranked codes the gate watches
+    shared_prefix: bool = False  # forwarded as the selection's counting is (``counting``)
 
 
 def gate_calibration(gate: Mapping[str, Any], spec: SelectionSpec) -> GateCalibration:
     """The calibration of ``select.gate``, batched as the selection is."""
-    return GateCalibration(gate["quantile"], gate["min_tokens"], spec.batch_size, spec.max_length, gate["watch_codes"])
+    return GateCalibration(
+        gate["quantile"], gate["min_tokens"], spec.batch_size, spec.max_length, gate["watch_codes"], spec.shared_prefix
+    )
 
 
 def watch_list(ranked_ids: Sequence[int], calibration: GateCalibration, earlier: Sequence[int] = ()) -> list[int]:
@@ -76,6 +79,7 @@ def calibrate_gate(
         positions="all",
         progress=progress,
         desc="gate calibration",
+        shared_prefix=calibration.shared_prefix,
     )
     for ids, _, real in batches:
         peaks.append(peak_fire_rate(watched[ids].any(-1), real, calibration.min_tokens))

@@ -58,6 +58,11 @@ def codebook_sha256_of(base_dir: Path) -> str:
     return read_json(base_dir / CODEBOOK_META)["sha256"]
 
 
+def codebook_layer(base_dir: Path) -> int:
+    """The block whose output the codebook saved in ``base_dir`` reads."""
+    return int(read_json(base_dir / CODEBOOK_META)["spec"]["layer"])
+
+
 @register_method
 class CodeUnlearn(UnlearningMethod):
     name = "codeunlearn"
@@ -66,6 +71,10 @@ class CodeUnlearn(UnlearningMethod):
     params_block = "select"  # CodeUnlearn's params are the pipeline's selection block
     saved_as = "mask"
     cumulative = True
+
+    def blocks_needed(self, base_dir: Path) -> int | None:
+        """The blocks up to the codebook's: selection and gate calibration stop their forward pass there."""
+        return codebook_layer(base_dir) + 1
 
     def run(self, job: UnlearnJob) -> UnlearnResult:
         model, params, forget, retain = job.model, job.params, job.forget, job.retain
@@ -211,7 +220,7 @@ def cached_control_statistics(
     shallow for the codes already disabled. Returns them and which of "cached", "computed",
     "recomputed: stale", "recomputed: too shallow" happened."""
     directory = root / control_sha256[:16]
-    counting = CountingSettings(spec.batch_size, spec.max_length, spec.positions)
+    counting = CountingSettings(spec.batch_size, spec.max_length, spec.positions, spec.shared_prefix)
     codebook = codebook_sha256(bottleneck)
     depth = ranking_depth(spec, bottleneck.spec.k)
     disabled = int(bottleneck.disabled.sum())

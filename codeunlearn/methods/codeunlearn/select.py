@@ -83,6 +83,7 @@ class SelectionSpec:
     # the same knowledge; re-counting with the mask applied finds those substitutes in later rounds.
     rounds: int = 1
     strength: float = 1.0  # residual mode: the mask's c (see CodeMask.strength)
+    shared_prefix: bool = False  # the records' common leading tokens run once (``counting``)
 
 
 def _select_once(
@@ -159,7 +160,12 @@ def select_mask(
         raise ValueError(f"select.rounds must be >= 1, got {spec.rounds}")
     if spec.protect_retain and retain is None:
         raise ValueError("protect_retain needs the retain records")
-    counting = {"batch_size": spec.batch_size, "max_length": spec.max_length, "positions": spec.positions}
+    counting = {
+        "batch_size": spec.batch_size,
+        "max_length": spec.max_length,
+        "positions": spec.positions,
+        "shared_prefix": spec.shared_prefix,
+    }
     per_round = _per_round(spec)
     depth = ranking_depth(spec, bottleneck.spec.k)
 
