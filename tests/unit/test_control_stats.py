@@ -20,7 +20,7 @@ from codeunlearn.methods.codeunlearn.control_stats import (
     load_control_statistics,
     save_control_statistics,
 )
-from codeunlearn.methods.codeunlearn.counting import _encoded, rank_codes, shared_prefix_length
+from codeunlearn.methods.codeunlearn.counting import encode_for_counting, rank_codes, shared_prefix_length
 from codeunlearn.methods.codeunlearn.gate import GateCalibration, calibrate_gate, calibrate_gate_from_statistics
 from codeunlearn.methods.codeunlearn.select import SelectionSpec
 from codeunlearn.models.tiny import TinyModelSpec, build_tiny_llama
@@ -171,12 +171,12 @@ def test_a_control_built_from_the_forget_set_is_never_cached(tmp_path, tiny_toke
 
 def test_the_shared_prefix_is_what_every_record_starts_with_leaving_each_a_token(tiny_tokenizer, tiny_qa):
     records = tiny_qa["forget"] + tiny_qa["retain"]
-    encoded = _encoded(tiny_tokenizer, records, SELECTION.max_length)
+    encoded = encode_for_counting(tiny_tokenizer, records, SELECTION.max_length)
     length = shared_prefix_length(encoded)
     assert length >= 2  # BOS and the plain prompt frame's "Question:"
     assert len({tuple(e.input_ids[:length]) for e in encoded}) == 1
     assert len({e.input_ids[length] for e in encoded}) > 1
-    one = _encoded(tiny_tokenizer, records[:1], SELECTION.max_length)
+    one = encode_for_counting(tiny_tokenizer, records[:1], SELECTION.max_length)
     assert shared_prefix_length(one) == len(one[0].input_ids) - 1
     assert shared_prefix_length([]) == 0
 

@@ -80,7 +80,8 @@ class CodeRanking:
 _RANKING_CHUNK = 65536
 
 
-def _encoded(tokenizer: Any, records: Sequence[Any], max_length: int) -> list[Any]:
+def encode_for_counting(tokenizer: Any, records: Sequence[Any], max_length: int) -> list[Any]:
+    """The records' token sequences as counting batches them: shortest first (a stable sort)."""
     return sorted(encode_qas(tokenizer, records, max_length, "select.max_length"), key=_length)
 
 
@@ -188,7 +189,7 @@ def ranked_code_batches(
     device = next(model.parameters()).device
     handle = bottleneck.register_forward_pre_hook(rank)
     try:
-        encoded = _encoded(tokenizer, records, max_length)
+        encoded = encode_for_counting(tokenizer, records, max_length)
         prefix, prefix_ids = None, None
         if shared_prefix and (length := shared_prefix_length(encoded)) > 0:
             prefix = DynamicCache(config=model.config)
@@ -289,7 +290,8 @@ def count_codes(
     counts = torch.zeros(bottleneck.spec.num_codes, dtype=torch.long)
     tokens = 0
     try:
-        batches = _batches(_encoded(tokenizer, records, max_length), tokenizer.pad_token_id, batch_size, positions)
+        encoded = encode_for_counting(tokenizer, records, max_length)
+        batches = _batches(encoded, tokenizer.pad_token_id, batch_size, positions)
         for batch, keep in tqdm(batches, desc="code counts", disable=not progress, leave=False):
             _forward(model, batch, device)
             ids = bottleneck.last_ids.cpu()[keep]
