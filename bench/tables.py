@@ -130,6 +130,41 @@ def tune_table(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def generic_request_table(payload: dict[str, Any]) -> str:
+    """A request's barred figures: before, after, after / before against its bar."""
+    rows = [
+        [
+            key,
+            fmt(payload[f"{key}_before"]),
+            fmt(payload[f"{key}_after"]),
+            fmt(ratio["ratio"]),
+            ratio["bar"],
+            fmt(ratio["met"]),
+        ]
+        for key, ratio in payload["ratios"].items()
+    ]
+    return markdown_table(["figure", "before", "after", "after / before", "bar", "met"], rows)
+
+
+def generic_frontier_table(payload: dict[str, Any]) -> str:
+    """Each selection setting tried on the request: its forget and held-out neighbour ratios, then the plot."""
+    rows = [
+        [
+            ", ".join(f"{k}={v}" for k, v in point["override"].items()) or "profile settings",
+            str(point["codes_disabled"]),
+            fmt(point["ratios"]["forget_rouge"]),
+            fmt(point["ratios"]["neighbour_rouge"]),
+            fmt(point["both_bars_met"]),
+        ]
+        for point in payload["points"]
+    ]
+    bars = payload["bars"]
+    header = ["settings", "codes", f"forget after/before ({bars['forget_rouge']})"]
+    header += [f"neighbours after/before ({bars['neighbour_rouge']})", "both met"]
+    plot = f"![request frontier](img/generic_frontier_{payload['profile']}.png)"
+    return "\n".join([markdown_table(header, rows), "", plot])
+
+
 def reliability_table(payload: dict[str, Any]) -> str:
     """The crash comparison, the privacy search's hits, then each refusal's median time."""
     rows = [
@@ -160,6 +195,16 @@ def tables(profile: str) -> str:
         *section("Refusing a bad forget file (`python -m bench.rejection`)", out / "rejection.json", rejection_table),
         *section("Tuning grid (`python -m bench.tune`): selected points", out / "tune.json", tune_table),
         *section("Reliability (`python -m bench.reliability`)", out / "reliability.json", reliability_table),
+        *section(
+            "A real-world request (`python -m bench.generic_request`)",
+            out / "generic_request.json",
+            generic_request_table,
+        ),
+        *section(
+            "Its selection settings (`python -m bench.generic_frontier`)",
+            out / "generic_frontier.json",
+            generic_frontier_table,
+        ),
     ]
     return "\n".join(parts)
 
