@@ -26,7 +26,7 @@ from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import split_rouges
 from codeunlearn.report.plots import request_frontier_plot
 from tasks.common import forget_records, load_role, method_params, neighbour_sets, read_forget_file
-from tasks.context import REPO_ROOT, RunContext, make_context
+from tasks.context import REPO_ROOT, RunContext, make_context, torch_threads
 
 METHOD = "codeunlearn"
 
@@ -101,9 +101,12 @@ def measure(ctx: RunContext) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: evaluate.threads)")
     args = parser.parse_args(argv)
     ctx = make_context(args.profile)
-    payload = measure(ctx)
+    # One thread where another job holds the other core: two contended threads decode ~20x slower.
+    with torch_threads(args.threads or ctx.settings["evaluate"]["threads"]):
+        payload = measure(ctx)
     write_json(REPO_ROOT / "bench" / "results" / ctx.profile / "generic_frontier.json", payload)
     request_frontier_plot(payload, REPO_ROOT / "docs" / "img" / f"generic_frontier_{ctx.profile}.png")
     shown = ("forget_rouge_before", "neighbour_rouge_before", "any_point_meets_both")
