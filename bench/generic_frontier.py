@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.generic_request import BARS
 from bench.run import stamp
-from codeunlearn.io import write_json
+from codeunlearn.io import read_json, write_json
 from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import split_rouges
 from codeunlearn.report.plots import request_frontier_plot
@@ -102,13 +102,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: evaluate.threads)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = parser.parse_args(argv)
     ctx = make_context(args.profile)
+    result_file = REPO_ROOT / "bench" / "results" / ctx.profile / "generic_frontier.json"
+    plot_file = REPO_ROOT / "docs" / "img" / f"generic_frontier_{ctx.profile}.png"
+    if args.replot:
+        request_frontier_plot(read_json(result_file), plot_file)
+        return
     # One thread where another job holds the other core: two contended threads decode ~20x slower.
     with torch_threads(args.threads or ctx.settings["evaluate"]["threads"]):
         payload = measure(ctx)
-    write_json(REPO_ROOT / "bench" / "results" / ctx.profile / "generic_frontier.json", payload)
-    request_frontier_plot(payload, REPO_ROOT / "docs" / "img" / f"generic_frontier_{ctx.profile}.png")
+    write_json(result_file, payload)
+    request_frontier_plot(payload, plot_file)
     shown = ("forget_rouge_before", "neighbour_rouge_before", "any_point_meets_both")
     print(json.dumps({key: payload[key] for key in shown}))
 

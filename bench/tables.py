@@ -150,16 +150,17 @@ def generic_frontier_table(payload: dict[str, Any]) -> str:
     """Each selection setting tried on the request: its forget and held-out neighbour ratios, then the plot."""
     rows = [
         [
+            str(number),
             ", ".join(f"{k}={v}" for k, v in point["override"].items()) or "profile settings",
             str(point["codes_disabled"]),
             fmt(point["ratios"]["forget_rouge"]),
             fmt(point["ratios"]["neighbour_rouge"]),
             fmt(point["both_bars_met"]),
         ]
-        for point in payload["points"]
+        for number, point in enumerate(payload["points"], start=1)
     ]
     bars = payload["bars"]
-    header = ["settings", "codes", f"forget after/before ({bars['forget_rouge']})"]
+    header = ["#", "settings", "codes", f"forget after/before ({bars['forget_rouge']})"]
     header += [f"neighbours after/before ({bars['neighbour_rouge']})", "both met"]
     plot = f"![request frontier](img/generic_frontier_{payload['profile']}.png)"
     return "\n".join([markdown_table(header, rows), "", plot])

@@ -249,13 +249,13 @@ def sequential_plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
 def request_frontier_plot(result: dict[str, Any], path: Path) -> None:
     """One request's selection settings: forget ROUGE after/before against held-out neighbour ROUGE
-    after/before, each point labelled by its settings, the two bars dashed (``bench.generic_frontier``)."""
+    after/before, each point numbered as in the benchmarks table (``#``), the two bars dashed
+    (``bench.generic_frontier``)."""
     fig, ax = plt.subplots(figsize=(7, 5))
-    for point in result["points"]:
+    for number, point in enumerate(result["points"], start=1):
         x, y = point["ratios"]["neighbour_rouge"], point["ratios"]["forget_rouge"]
         ax.scatter([x], [y], s=30, color="tab:green" if point["both_bars_met"] else "tab:blue")
-        label = ", ".join(f"{k}={v}" for k, v in point["override"].items()) or "profile settings"
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(str(number), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
     bars = result["bar_values"]
     ax.axhline(bars["forget_rouge"], color="grey", linestyle="--", linewidth=1)
     ax.axvline(bars["neighbour_rouge"], color="grey", linestyle="--", linewidth=1)
