@@ -1,10 +1,11 @@
 """A copyright holder's request, end to end: ``python -m bench.passage_request --profile default``.
 
 Issue 20's passage figure. MUSE-News articles stand for the holder's text: the target and the codebook
-model are trained again with the first F + N articles in the target's data (``finetune.passages``), as
-the text would have been in its training set, then ``codeunlearn forget --forget-file <articles [0, F)>
---retain-file <articles [F, F + N)>`` runs in a fresh process on them. F, N and the fine-tuning steps
-are ``bench.passage_request`` in params.yaml.
+model are trained again with the source's first rows, up to the F + N articles used, in the target's
+data (``finetune.passages``), as the text would have been in its training set, then ``codeunlearn forget
+--forget-file <the first F distinct articles> --retain-file <the next N>`` runs in a fresh process on
+them (distinct: raw/forget.json repeats some articles, and a text cannot be both forgotten and kept).
+F, N and the fine-tuning steps are ``bench.passage_request`` in params.yaml.
 
 Everything is written in a scratch folder: the request files (built from ``paths.muse_dir``, never
 copied into the repository), a params file pointing the outputs there, the profile's data splits linked
@@ -35,7 +36,7 @@ import yaml
 from bench.generic_request import ratios
 from bench.run import MEASURED_COMMIT, machine
 from codeunlearn.config import deep_merge, load_settings, profile_outputs
-from codeunlearn.data.muse import read_texts
+from codeunlearn.data.muse import read_json_array
 from codeunlearn.io import read_json, write_json
 from tasks.context import PARAMS_FILE, REPO_ROOT
 
@@ -49,22 +50,37 @@ LINKED = ("splits", "validation")  # read-only inputs of the stages and of the r
 BASE_POINTER = "base.json"
 
 
-def request_files(texts: list[str], forget_articles: int, neighbour_articles: int, folder: Path) -> dict[str, Path]:
-    """``forget.jsonl`` (articles [0, F)) and ``neighbours.jsonl`` (articles [F, F + N)) in ``folder``: passage
-    records, one article each, named by their position in the source."""
+def distinct_articles(rows: list[Any], count: int, source: Path) -> list[tuple[int, str]]:
+    """(row, text) of the first ``count`` distinct non-empty texts of a MUSE file, in file order: MUSE's
+    raw/forget.json repeats some articles (rows 2 and 5 are one text), and a text cannot be both forgotten
+    and kept."""
+    chosen: dict[str, int] = {}
+    for row, text in enumerate(rows):
+        if isinstance(text, str) and text.strip() and text not in chosen:
+            chosen[text] = row
+            if len(chosen) == count:
+                return [(row, text) for text, row in chosen.items()]
+    raise ValueError(f"{source}: {len(chosen)} distinct articles, fewer than the {count} asked for")
+
+
+def request_files(
+    articles: list[tuple[int, str]], forget_articles: int, neighbour_articles: int, folder: Path
+) -> dict[str, Path]:
+    """``forget.jsonl`` (the first F ``articles``) and ``neighbours.jsonl`` (the next N) in ``folder``:
+    passage records, one article each, named by their row in the source."""
     if forget_articles < 1 or neighbour_articles < 2:
         raise ValueError(
             f"bench.passage_request needs forget_articles >= 1 and neighbour_articles >= 2 (a control and a "
             f"held-out part), got {forget_articles} and {neighbour_articles}"
         )
-    if len(texts) < forget_articles + neighbour_articles:
-        raise ValueError(f"{len(texts)} articles, fewer than {forget_articles} + {neighbour_articles}")
+    if len(articles) < forget_articles + neighbour_articles:
+        raise ValueError(f"{len(articles)} articles, fewer than {forget_articles} + {neighbour_articles}")
     end = forget_articles + neighbour_articles
-    spans = {"forget": range(forget_articles), "neighbours": range(forget_articles, end)}
+    spans = {"forget": articles[:forget_articles], "neighbours": articles[forget_articles:end]}
     files = {}
     for name, span in spans.items():
         path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps({"id": f"article-{i}", "text": texts[i]}) + "\n" for i in span))
+        path.write_text("".join(json.dumps({"id": f"article-{row}", "text": text}) + "\n" for row, text in span))
         files[name] = path
     return files
 
@@ -80,15 +96,14 @@ def scratch_outputs(profile_dir: Path, scratch: Path) -> Path:
     return target
 
 
-def scratch_params(profile: str, scratch: Path, cfg: dict[str, Any]) -> Path:
+def scratch_params(profile: str, scratch: Path, cfg: dict[str, Any], passages: int) -> Path:
     """params.yaml with the outputs, the MLflow artifacts and nothing registered in ``scratch``, and the
-    profile's target fine-tuned on the first F + N articles (for ``cfg["finetune_steps"]`` steps if set)."""
+    profile's target fine-tuned on the source's first ``passages`` texts (for ``cfg["finetune_steps"]``
+    steps if set)."""
     params = yaml.safe_load(PARAMS_FILE.read_text())
     params["defaults"]["paths"]["outputs"] = str(scratch)
     params["defaults"]["tracking"].update(artifact_root=str(scratch / "mlruns"), register_models=False)
-    finetune: dict[str, Any] = {
-        "passages": {"file": cfg["source"], "count": cfg["forget_articles"] + cfg["neighbour_articles"]}
-    }
+    finetune: dict[str, Any] = {"passages": {"file": cfg["source"], "count": passages}}
     if cfg["finetune_steps"] is not None:
         finetune["steps"] = cfg["finetune_steps"]
     profiles = params.setdefault("profiles", {})
@@ -120,12 +135,13 @@ def measure(profile: str) -> dict[str, Any]:
         raise SystemExit(f"{profile_dir}: no splits or base model; run `python -m flows.pipeline --profile {profile}`")
     source = Path(settings["paths"]["muse_dir"])
     source = (source if source.is_absolute() else REPO_ROOT / source) / cfg["source"]
-    texts = read_texts(source, cfg["forget_articles"] + cfg["neighbour_articles"])
+    articles = distinct_articles(read_json_array(source), cfg["forget_articles"] + cfg["neighbour_articles"], source)
+    passages = articles[-1][0] + 1  # the target learns every row up to the last article chosen
     with tempfile.TemporaryDirectory(prefix="codeunlearn-passage-") as tmp:
         scratch = Path(tmp)
-        files = request_files(texts, cfg["forget_articles"], cfg["neighbour_articles"], scratch)
+        files = request_files(articles, cfg["forget_articles"], cfg["neighbour_articles"], scratch)
         out_dir = scratch_outputs(profile_dir, scratch)
-        params = scratch_params(profile, scratch, cfg)
+        params = scratch_params(profile, scratch, cfg, passages)
         train_s = {}
         for stage in STAGES:
             command = ["-m", "tasks", stage, "--profile", profile, "--params", str(params)]
@@ -152,6 +168,11 @@ def measure(profile: str) -> dict[str, Any]:
         "source": cfg["source"],
         "forget_articles": cfg["forget_articles"],
         "neighbour_articles": cfg["neighbour_articles"],
+        "article_rows": {
+            "forget": [row for row, _ in articles[: cfg["forget_articles"]]],
+            "neighbours": [row for row, _ in articles[cfg["forget_articles"] :]],
+        },
+        "finetune_passages": passages,
         "finetune_steps": target["steps"],
         "target_final_ce": target["final_ce"],
         **figures,

@@ -185,19 +185,25 @@ def test_a_passage_request_with_passage_neighbours_is_scored_and_audited(tmp_pat
 # --------------------------------------------------------------------------- the bench's files (no model)
 
 
-def test_the_bench_builds_forget_and_neighbour_articles(tmp_path) -> None:
-    from bench.passage_request import request_files
+def test_the_bench_builds_forget_and_neighbour_articles_from_distinct_texts(tmp_path) -> None:
+    from bench.passage_request import distinct_articles, request_files
 
-    files = request_files(ARTICLES, forget_articles=2, neighbour_articles=3, folder=tmp_path)
+    rows = [ARTICLES[0], ARTICLES[1], ARTICLES[0], "", ARTICLES[2], ARTICLES[3], ARTICLES[4]]
+    articles = distinct_articles(rows, 5, tmp_path / "raw.json")
+    assert [row for row, _ in articles] == [0, 1, 4, 5, 6] and [t for _, t in articles] == ARTICLES
+    files = request_files(articles, forget_articles=2, neighbour_articles=3, folder=tmp_path)
     forget = load_record_file(files["forget"])
     neighbours = load_record_file(files["neighbours"])
     assert forget.kind is RecordKind.PASSAGE and [r.text for r in forget.records] == ARTICLES[:2]
     assert [r.text for r in neighbours.records] == ARTICLES[2:5]
+    assert [r.id for r in neighbours.records] == ["article-4", "article-5", "article-6"]
     read_request_files(files["forget"], files["neighbours"])  # distinct ids and texts, disjoint files
     with pytest.raises(ValueError, match="neighbour_articles >= 2"):
-        request_files(ARTICLES, 2, 1, tmp_path)
+        request_files(articles, 2, 1, tmp_path)
     with pytest.raises(ValueError, match="fewer than"):
-        request_files(ARTICLES, 3, 3, tmp_path)
+        request_files(articles, 3, 3, tmp_path)
+    with pytest.raises(ValueError, match="raw.json: 5 distinct articles, fewer than the 6"):
+        distinct_articles(rows, 6, tmp_path / "raw.json")
 
 
 def test_the_bench_trains_in_scratch_on_the_articles_and_links_the_profile(tmp_path) -> None:
@@ -215,9 +221,9 @@ def test_the_bench_trains_in_scratch_on_the_articles_and_links_the_profile(tmp_p
     assert json.loads((out / "models" / "base.json").read_text()) == {"checkpoint": "/somewhere"}
     assert not (out / "models" / "target").exists(), "the target is trained again in scratch"
     cfg = {"source": "raw/forget.json", "forget_articles": 3, "neighbour_articles": 4, "finetune_steps": 80}
-    settings = load_settings(scratch_params("default", scratch, cfg), "default")
-    assert settings["finetune"]["passages"] == {"file": "raw/forget.json", "count": 7}
+    settings = load_settings(scratch_params("default", scratch, cfg, passages=8), "default")
+    assert settings["finetune"]["passages"] == {"file": "raw/forget.json", "count": 8}
     assert settings["finetune"]["steps"] == 80 and settings["finetune"]["lr"] == 3.0e-4  # the profile's, kept
     assert settings["paths"]["outputs"] == str(scratch) and settings["tracking"]["register_models"] is False
-    unchanged = load_settings(scratch_params("smoke", scratch, {**cfg, "finetune_steps": None}), "smoke")
+    unchanged = load_settings(scratch_params("smoke", scratch, {**cfg, "finetune_steps": None}, 8), "smoke")
     assert unchanged["finetune"]["steps"] == 300
