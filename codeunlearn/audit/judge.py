@@ -65,8 +65,8 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
     ``forget_rouge_before`` is what the knowledge-present check reads; ``retain_ratio`` is retain after /
     before (1.0 when before is 0), ``utility_ratio`` the same for model utility and ``neighbour_ratio`` for
     the held-out neighbours' ROUGE, or their VerbMem when they are passages (absent without a neighbour
-    set); ``quant_recovery`` is the worst
-    (largest) recovery over the quantized rows. A block that is absent gives ``None``.
+    set); ``quant_recovery`` is the worst (largest) recovery over the quantized rows. A block that is
+    absent gives ``None``.
     """
     after = metrics.get("after") or {}
     before = metrics.get("before") or {}
