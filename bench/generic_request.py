@@ -72,10 +72,12 @@ def run_request(profile: str, files: dict[str, Any], scratch: Path) -> tuple[dic
     return json.loads(result.stdout[result.stdout.index("{") :]), wall_s
 
 
-def ratios(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+def ratios(
+    before: dict[str, float], after: dict[str, float], bars: dict[str, tuple[str, float]] = BARS
+) -> dict[str, Any]:
     """after / before of each barred figure, and whether it meets its bar."""
     out: dict[str, Any] = {}
-    for key, (direction, bar) in BARS.items():
+    for key, (direction, bar) in bars.items():
         ratio = after[key] / before[key] if before[key] else None
         met = ratio is not None and (ratio <= bar if direction == "le" else ratio >= bar)
         out[key] = {"ratio": ratio, "bar": f"{'<=' if direction == 'le' else '>='} {bar}x before", "met": met}

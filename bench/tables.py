@@ -177,6 +177,30 @@ def reliability_table(payload: dict[str, Any]) -> str:
     return markdown_table(["measure", "value"], rows)
 
 
+PASSAGE_FIGURES = ("forget_rouge", "neighbour_verbmem", "knowmem_retain", "forget_min_k", "model_utility")
+
+
+def passage_request_table(payload: dict[str, Any]) -> str:
+    """Each figure of ``bench.passage_request`` before and after, with its ratio against issue 20's bar."""
+    ratios = payload["ratios"]
+    rows = [
+        [
+            key,
+            fmt(payload.get(f"{key}_before")),
+            fmt(payload.get(f"{key}_after")),
+            fmt(ratios[key]["ratio"]) if key in ratios else "",
+            f"{ratios[key]['bar']}: {'met' if ratios[key]['met'] else 'NOT met'}" if key in ratios else "",
+        ]
+        for key in PASSAGE_FIGURES
+    ]
+    facts = (
+        f"forget articles {payload['forget_articles']}, neighbour articles {payload['neighbour_articles']} "
+        f"(held out {payload['neighbour'].get('held_out_count')}), target fine-tuned {payload['finetune_steps']} "
+        f"steps; codes disabled {payload['codes_disabled']}; audit {payload['audit_outcome']}"
+    )
+    return markdown_table(["figure", "before", "after", "after / before", "bar"], rows) + "\n\n" + facts
+
+
 def tables(profile: str) -> str:
     out = RESULTS / profile
     parts = [
@@ -205,6 +229,11 @@ def tables(profile: str) -> str:
             "Its selection settings (`python -m bench.generic_frontier`)",
             out / "generic_frontier.json",
             generic_frontier_table,
+        ),
+        *section(
+            "A passage request on learnt news articles (`python -m bench.passage_request`)",
+            out / "passage_request.json",
+            passage_request_table,
         ),
     ]
     return "\n".join(parts)

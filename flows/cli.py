@@ -39,7 +39,7 @@ def _read_request_files(
     transformers, no Prefect, no MLflow, so a bad file is refused in about a second and writes nothing.
     Returns the forget file; a bad file, kind or params exit with code 2."""
     from codeunlearn.config import ConfigError, load_settings
-    from codeunlearn.data.forget_files import RecordKind, read_request_files
+    from codeunlearn.data.forget_files import RecordKind, check_neighbour_kind, read_request_files
     from codeunlearn.data.records import DataError
 
     kinds = ["auto", *RecordKind]
@@ -51,8 +51,8 @@ def _read_request_files(
         forget, retain = read_request_files(
             forget_file, retain_file, settings["forget_set"]["max_bytes"], None if kind == "auto" else kind
         )
-        if retain is not None and retain.kind is not RecordKind.QA:
-            raise DataError(retain.path, f"a {retain.kind} file; a neighbour set (--retain-file) holds QA records")
+        if retain is not None:
+            check_neighbour_kind(retain)
     except (DataError, ConfigError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err

@@ -1,8 +1,10 @@
-"""Run one stage without Prefect (what ``dvc repro`` calls): ``python -m tasks <stage> [--profile NAME]``."""
+"""Run one stage without Prefect (what ``dvc repro`` calls): ``python -m tasks <stage> [--profile NAME]
+[--params FILE]``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from tasks.context import make_context
 from tasks.registry import TASKS
@@ -13,9 +15,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
     parser.add_argument("stage", choices=list(STAGES))
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` field)")
+    parser.add_argument("--params", default=None, help="params file (default: the repository's params.yaml)")
     args = parser.parse_args(argv)
+    params_file = Path(args.params) if args.params else None
     # DVC decides what is stale (it also tracks code), so the flows' own resume markers stay out of it.
-    TASKS[args.stage].fn(make_context(args.profile, overrides={"resume": False}))
+    TASKS[args.stage].fn(make_context(args.profile, params_file, overrides={"resume": False}))
 
 
 if __name__ == "__main__":

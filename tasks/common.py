@@ -18,6 +18,7 @@ from codeunlearn.checkpoints import load_checkpoint
 from codeunlearn.data.forget_files import (
     RecordFile,
     RecordKind,
+    check_neighbour_kind,
     load_record_file,
     read_request_files,
     unlearning_records,
@@ -26,6 +27,7 @@ from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
 from codeunlearn.data.records import QARecord
 from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
 from codeunlearn.data.validation_report import ValidationReport, require_valid
+from codeunlearn.eval.muse import KnowMemSet, MuseSpec, load_knowmem_set, muse_spec
 from codeunlearn.eval.suite import Suite, muse_run, relearn_spec
 from codeunlearn.io import atomic_write_text, read_json, write_json
 from codeunlearn.methods import UnlearnResult, get_method
@@ -184,16 +186,31 @@ def forget_records(ctx: RunContext, forget_file: str, kind: str | None = None) -
     return unlearning_records(read_forget_file(ctx, forget_file, kind))
 
 
-def neighbour_sets(ctx: RunContext, retain_file: str | None) -> tuple[list[QARecord], list[QARecord]] | None:
-    """(control, held_out) of the request's neighbour file, split as ``request.neighbour_split`` says;
-    ``None`` without a neighbour file (the profile's retain split is the control then)."""
+def neighbour_sets(ctx: RunContext, retain_file: str | None) -> tuple[list[Any], list[Any]] | None:
+    """(control, held_out) of the request's neighbour file (QAs or passages), split as
+    ``request.neighbour_split`` says; ``None`` without a neighbour file (the profile's retain split is the
+    control then)."""
     if retain_file is None:
         return None
-    records = load_record_file(retain_file, RecordKind.QA, ctx.settings["forget_set"]["max_bytes"]).records
-    return split_neighbours(records, NeighbourSplit(**ctx.settings["request"]["neighbour_split"]), retain_file)
+    neighbours = load_record_file(retain_file, None, ctx.settings["forget_set"]["max_bytes"])
+    check_neighbour_kind(neighbours)
+    split = NeighbourSplit(**ctx.settings["request"]["neighbour_split"])
+    return split_neighbours(neighbours.records, split, retain_file)
 
 
-def request_control(ctx: RunContext, retain_file: str | None) -> list[QARecord]:
+def request_knowmem(ctx: RunContext, forget_kind: str) -> tuple[KnowMemSet, MuseSpec] | None:
+    """MUSE's KnowMem QAs on other news that a passage request also scores before and after
+    (``request.passage_knowmem``, decoded as ``evaluate.muse``); ``None`` for another kind of request."""
+    cfg = ctx.settings["request"]["passage_knowmem"]
+    if forget_kind != RecordKind.PASSAGE or cfg["size"] < 0:
+        return None
+    muse_dir = ctx.resolve(ctx.settings["paths"]["muse_dir"])
+    icl_examples = ctx.settings["evaluate"]["muse"]["icl_examples"]
+    knowmem = load_knowmem_set(muse_dir, cfg["file"], cfg["icl_file"], cfg["size"], icl_examples)
+    return knowmem, muse_spec(ctx.settings["evaluate"])
+
+
+def request_control(ctx: RunContext, retain_file: str | None) -> list[Any]:
     """What a request's method contrasts the forget set with and calibrates on: the neighbour file's
     control part, else the profile's control retain authors."""
     neighbours = neighbour_sets(ctx, retain_file)

@@ -34,6 +34,7 @@ from tasks.common import (
     read_forget_file,
     record_timing,
     request_control,
+    request_knowmem,
     requests_dir,
     run_method,
 )
@@ -106,11 +107,14 @@ def evaluate_request(
     ctx: RunContext, forget_file: str, method: str, request: dict, retain_file: str | None = None
 ) -> dict:
     """Forget ROUGE on the request's own forget set beside model utility (retain, real authors, world
-    facts: ROUGE, Prob, truth ratio) and the neighbour file's held-out part (ROUGE, Prob), before and after.
-    What the forget records' scores are depends on their kind (``metrics.scoring.request_scores``)."""
+    facts: ROUGE, Prob, truth ratio) and the neighbour file's held-out part (ROUGE and Prob of QAs, VerbMem
+    of passages), before and after; a passage request also scores MUSE's KnowMem on other news
+    (``request_knowmem``). What the forget records' scores are depends on their kind
+    (``metrics.scoring.request_scores``)."""
     forget = read_forget_file(ctx, forget_file, request["forget_kind"]).records
     neighbours = neighbour_sets(ctx, retain_file)
     held_out = neighbours[1] if neighbours is not None else ()
+    knowmem = request_knowmem(ctx, request["forget_kind"])
     utility = ctx.utility_sets()
     spec = ctx.eval_spec()
     out = requests_dir(ctx) / request["request_id"]
@@ -118,7 +122,9 @@ def evaluate_request(
     state = deployed_state(ctx, method, out.name)
 
     def scores(checkpoint: Checkpoint) -> dict[str, float]:
-        return request_scores(checkpoint.model, checkpoint.tokenizer, forget, utility, spec, neighbour=held_out)
+        return request_scores(
+            checkpoint.model, checkpoint.tokenizer, forget, utility, spec, neighbour=held_out, knowmem=knowmem
+        )
 
     started = time.perf_counter()
     before = unlearning.before(lambda: load_role(ctx, unlearning.base_role), state, out)

@@ -32,6 +32,9 @@ class Thresholds:
         return cls(**{name: block.get(name, default) for name, default in asdict(cls()).items()})
 
 
+# Passage neighbours are scored by VerbMem (``metrics.scoring.request_scores``), QA neighbours by ROUGE.
+NEIGHBOUR_PASSAGE_KEY = "neighbour_verbmem"
+
 NOT_KNOWN = "not known before: nothing to prove"  # the outcome when the forget set was not known before
 KNOWN_CHECK = "known_before"
 
@@ -61,8 +64,9 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
 
     ``forget_rouge_before`` is what the knowledge-present check reads; ``retain_ratio`` is retain after /
     before (1.0 when before is 0), ``utility_ratio`` the same for model utility and ``neighbour_ratio`` for
-    the held-out neighbours' ROUGE (absent without a neighbour set); ``quant_recovery`` is the worst
-    (largest) recovery over the quantized rows. A block that is absent gives ``None``.
+    the held-out neighbours' ROUGE, or their VerbMem when they are passages (absent without a neighbour
+    set); ``quant_recovery`` is the worst (largest) recovery over the quantized rows. A block that is
+    absent gives ``None``.
     """
     after = metrics.get("after") or {}
     before = metrics.get("before") or {}
@@ -85,7 +89,7 @@ def judged_values(metrics: Mapping[str, Any]) -> dict[str, float | None]:
         "forget_rouge": _number(after.get("forget_rouge")),
         "retain_ratio": ratio("retain_rouge"),
         "utility_ratio": ratio("model_utility"),
-        "neighbour_ratio": ratio("neighbour_rouge"),
+        "neighbour_ratio": ratio(NEIGHBOUR_PASSAGE_KEY if NEIGHBOUR_PASSAGE_KEY in before else "neighbour_rouge"),
         "quant_recovery": max(recoveries) if recoveries else None,
         "relearn_recovery": _number(relearn.get("recovery")) if isinstance(relearn, Mapping) else None,
     }

@@ -25,12 +25,13 @@ from typing import Any
 
 import yaml
 
-from codeunlearn.audit.judge import Thresholds, judge, judged_values
+from codeunlearn.audit.judge import NEIGHBOUR_PASSAGE_KEY, Thresholds, judge, judged_values
 from codeunlearn.data.records import records_sha256
 from codeunlearn.io import atomic_write_bytes, sha256_file
 
 SCHEMA = "codeunlearn.audit/1"
 AUDIT_FILE = "audit.json"  # a request's record, in its folder
+NEIGHBOUR_KEYS = ("neighbour_rouge", "neighbour_prob", NEIGHBOUR_PASSAGE_KEY)  # a neighbour set's scores
 
 
 # --------------------------------------------------------------------------- hashing
@@ -143,7 +144,8 @@ def neighbour_summary(
     retain_file: str | Path, control: Sequence[Any], held_out: Sequence[Any], metrics: Mapping[str, Any]
 ) -> dict[str, Any]:
     """The neighbour set as a record names it (hashes and counts of its control and held-out parts, never
-    text) with the held-out part's ROUGE and probability before and after the request."""
+    text) with the held-out part's scores before and after the request: ROUGE and probability of QA
+    neighbours, VerbMem of passage neighbours (each key present where measured)."""
     path = Path(retain_file).resolve()
     summary: dict[str, Any] = {
         "file": str(path),
@@ -153,9 +155,10 @@ def neighbour_summary(
         "held_out_sha256": records_sha256(held_out),
         "held_out_count": len(held_out),
     }
-    for key in ("neighbour_rouge", "neighbour_prob"):
-        for when in ("before", "after"):
-            summary[f"{key}_{when}"] = (metrics.get(when) or {}).get(key)
+    for key in NEIGHBOUR_KEYS:
+        if any(key in (metrics.get(when) or {}) for when in ("before", "after")):
+            for when in ("before", "after"):
+                summary[f"{key}_{when}"] = (metrics.get(when) or {}).get(key)
     return summary
 
 

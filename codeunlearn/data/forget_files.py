@@ -285,6 +285,17 @@ def check_disjoint(forget: RecordFile, retain: RecordFile) -> None:
             )
 
 
+NEIGHBOUR_KINDS = (RecordKind.QA, RecordKind.PASSAGE)  # a neighbour set is scored by ROUGE or by VerbMem
+
+
+def check_neighbour_kind(neighbours: RecordFile) -> None:
+    """A neighbour set (``--retain-file``) holds QAs or passages: a multiple-choice file is refused."""
+    if neighbours.kind not in NEIGHBOUR_KINDS:
+        kinds = " or ".join(str(kind) for kind in NEIGHBOUR_KINDS)
+        what = f"a {neighbours.kind} file; a neighbour set (--retain-file) holds {kinds} records"
+        raise DataError(neighbours.path, what)
+
+
 def read_request_files(
     forget_path: str | os.PathLike[str],
     retain_path: str | os.PathLike[str] | None = None,

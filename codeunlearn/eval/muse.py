@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,58 @@ def prompt_budget(model: nn.Module, max_new_tokens: int, max_prompt_tokens: int 
     return budget
 
 
+@dataclass(frozen=True)
+class KnowMemSet:
+    """KnowMem QAs and the in-context pairs that precede each question (no text leaves the scorer)."""
+
+    qas: tuple[tuple[str, str], ...]  # (question, answer)
+    icl: tuple[tuple[str, str], ...] = ()
+
+
+def load_knowmem_set(muse_dir: Path, qa_file: str, icl_file: str, size: int, icl_examples: int) -> KnowMemSet:
+    """``size`` evenly spaced QAs of ``qa_file`` (0 = all) and the first ``icl_examples`` pairs of
+    ``icl_file``, both under ``muse_dir``: a KnowMem set outside a full MUSE run (a passage request's
+    ``knowmem_retain``)."""
+    if size < 0 or icl_examples < 0:
+        raise ValueError(f"size and icl_examples must be >= 0, got {size} and {icl_examples}")
+    qas = _subset(read_pairs(Path(muse_dir) / qa_file, "question", "answer"), size)
+    icl = read_pairs(Path(muse_dir) / icl_file, "question", "answer")[:icl_examples]
+    return KnowMemSet(tuple(qas), tuple(icl))
+
+
+def knowmem_score(
+    model: nn.Module, tokenizer: Any, knowmem: KnowMemSet, spec: MuseSpec, progress: bool = False
+) -> float:
+    """MUSE's KnowMem (``metrics.muse.knowmem_rouge``) of one model on ``knowmem``, its prompts fitted to
+    the model's context as ``spec`` says."""
+    return muse.knowmem_rouge(
+        model,
+        tokenizer,
+        [q for q, _ in knowmem.qas],
+        [a for _, a in knowmem.qas],
+        [q for q, _ in knowmem.icl],
+        [a for _, a in knowmem.icl],
+        spec.batch_size,
+        max_new_tokens=spec.knowmem_max_new_tokens,
+        progress=progress,
+        max_prompt_tokens=prompt_budget(model, spec.knowmem_max_new_tokens, spec.max_prompt_tokens),
+    )
+
+
+def muse_spec(evaluate: Mapping[str, Any]) -> MuseSpec:
+    """How ``evaluate.muse`` in params.yaml runs MUSE (batches, decoding budgets, kept lengths)."""
+    cfg = evaluate["muse"]
+    return MuseSpec(
+        batch_size=cfg["batch_size"],
+        score_batch_size=cfg["score_batch_size"],
+        max_new_tokens=cfg["max_new_tokens"],
+        knowmem_max_new_tokens=cfg["knowmem_max_new_tokens"],
+        max_prompt_tokens=cfg["max_prompt_tokens"],
+        privleak_max_length=cfg["privleak_max_length"],
+        min_k=evaluate["mia"]["min_k"],
+    )
+
+
 def score_muse(model: nn.Module, tokenizer: Any, sets: MuseSets, spec: MuseSpec, progress: bool = False) -> MuseScores:
     """Run one model over every non-empty MUSE set (greedy decoding, teacher-forced Min-K%)."""
     scores = MuseScores()
@@ -191,26 +243,13 @@ def score_muse(model: nn.Module, tokenizer: Any, sets: MuseSets, spec: MuseSpec,
             progress=progress,
             max_prompt_tokens=prompt_budget(model, spec.max_new_tokens, spec.max_prompt_tokens),
         )
-    budget = prompt_budget(model, spec.knowmem_max_new_tokens, spec.max_prompt_tokens)
     for split, items, icl in (
         ("forget", sets.knowmem_forget, sets.icl_forget),
         ("retain", sets.knowmem_retain, sets.icl_retain),
     ):
-        if not items:
-            continue
-        value = muse.knowmem_rouge(
-            model,
-            tokenizer,
-            [q for q, _ in items],
-            [a for _, a in items],
-            [q for q, _ in icl],
-            [a for _, a in icl],
-            spec.batch_size,
-            max_new_tokens=spec.knowmem_max_new_tokens,
-            progress=progress,
-            max_prompt_tokens=budget,
-        )
-        setattr(scores, f"knowmem_{split}_rouge", value)
+        if items:
+            value = knowmem_score(model, tokenizer, KnowMemSet(items, icl), spec, progress)
+            setattr(scores, f"knowmem_{split}_rouge", value)
     if sets.privleak_forget and sets.privleak_holdout:
         context = context_length(model)
         length = spec.privleak_max_length if context is None else min(spec.privleak_max_length, context)

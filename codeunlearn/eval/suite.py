@@ -21,7 +21,16 @@ import numpy as np
 
 from codeunlearn.attacks.quantize import QuantizationSpec, quantization_attack
 from codeunlearn.attacks.relearn import relearn_attack
-from codeunlearn.eval.muse import MuseScores, MuseSets, MuseSpec, load_muse_sets, muse_details, muse_row, score_muse
+from codeunlearn.eval.muse import (
+    MuseScores,
+    MuseSets,
+    MuseSpec,
+    load_muse_sets,
+    muse_details,
+    muse_row,
+    muse_spec,
+    score_muse,
+)
 from codeunlearn.lm.training import TrainSpec
 from codeunlearn.methods.codeunlearn.counting import count_codes
 from codeunlearn.methods.codeunlearn.mask import CodeMask, apply_mask, unmask
@@ -228,16 +237,7 @@ def muse_run(evaluate: Mapping[str, Any], muse_dir: Path) -> MuseRun | None:
         privleak_size=cfg["privleak_size"],
         icl_examples=cfg["icl_examples"],
     )
-    spec = MuseSpec(
-        batch_size=cfg["batch_size"],
-        score_batch_size=cfg["score_batch_size"],
-        max_new_tokens=cfg["max_new_tokens"],
-        knowmem_max_new_tokens=cfg["knowmem_max_new_tokens"],
-        max_prompt_tokens=cfg["max_prompt_tokens"],
-        privleak_max_length=cfg["privleak_max_length"],
-        min_k=evaluate["mia"]["min_k"],
-    )
-    return MuseRun(sets=sets, spec=spec, models=tuple(cfg["models"]))
+    return MuseRun(sets=sets, spec=muse_spec(evaluate), models=tuple(cfg["models"]))
 
 
 def reusable_as_target(

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from codeunlearn.data.forget_files import ChoiceRecord, PassageRecord
+from codeunlearn.eval.muse import KnowMemSet, MuseSpec, knowmem_score
 from codeunlearn.lm.generation import answer_token_logprobs, generate_answers, mean_nll
 from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.lm.training import to_device
@@ -162,11 +163,14 @@ def request_scores(
     spec: EvalSpec,
     progress: bool = False,
     neighbour: Sequence[Any] = (),
+    knowmem: tuple[KnowMemSet, MuseSpec] | None = None,
 ) -> dict[str, float]:
     """A request's numbers: forget ROUGE on its own records beside the model utility of ``utility``'s
     retain / real-authors / world-facts sets and each set's ROUGE, Prob and truth ratio, and, given the
     held-out part of a neighbour set, its ROUGE and answer probability (``neighbour_rouge``,
-    ``neighbour_prob``). One decoding pass serves every question.
+    ``neighbour_prob``), or for passage neighbours their VerbMem (``neighbour_verbmem``, as the forget
+    passages'). Given ``knowmem``, MUSE's KnowMem on those QAs (``knowmem_retain``: knowledge of other
+    news a passage request must keep). One decoding pass serves every question.
 
     The forget records' kind sets what ``forget_rouge`` is (``data.forget_files``): a QA's ROUGE-L recall
     of the greedy answer; a multiple-choice question's, of its right option, beside ``forget_choice_acc``
@@ -177,7 +181,9 @@ def request_scores(
     choices = [r for r in forget if isinstance(r, ChoiceRecord)]
     qas = [r.as_qa() if isinstance(r, ChoiceRecord) else r for r in forget if not isinstance(r, PassageRecord)]
     splits = {kind: records for kind, records in utility.tofu_splits().items() if kind != "forget"}
-    own = [*qas, *neighbour]
+    neighbour_passages = [r for r in neighbour if isinstance(r, PassageRecord)]
+    neighbour_qas = [r for r in neighbour if not isinstance(r, PassageRecord)]
+    own = [*qas, *neighbour_qas]
     questions = [r.question for r in own] + [r.question for records in splits.values() for r in records]
     generated = generate_answers(model, tokenizer, questions, spec.max_new_tokens, spec.batch_size, progress)
     row: dict[str, float] = {}
@@ -187,8 +193,12 @@ def request_scores(
         row.update(_choice_scores(model, tokenizer, choices, spec, progress))
     if passages:
         row.update(_passage_scores(model, tokenizer, passages, spec, progress))
-    if neighbour:
-        row.update(_neighbour_scores(model, tokenizer, neighbour, generated[len(qas) : len(own)], spec, progress))
+    if neighbour_qas:
+        row.update(_neighbour_scores(model, tokenizer, neighbour_qas, generated[len(qas) : len(own)], spec, progress))
+    if neighbour_passages:
+        row["neighbour_verbmem"] = _verbmem(model, tokenizer, neighbour_passages, spec, progress)
+    if knowmem is not None:
+        row["knowmem_retain"] = knowmem_score(model, tokenizer, *knowmem, progress)
     if splits:
         row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(own) :], spec, progress)))
     return row
@@ -208,18 +218,28 @@ def _choice_scores(
 def _passage_scores(
     model: nn.Module, tokenizer: Any, records: Sequence[PassageRecord], spec: EvalSpec, progress: bool
 ) -> dict[str, float]:
-    if spec.passage is None:
-        raise ValueError("passage records need EvalSpec.passage (forget_set.passage in params.yaml)")
+    verbmem = _verbmem(model, tokenizer, records, spec, progress)
     texts = [r.text for r in records]
-    passage = spec.passage
+    window_tokens = spec.passage.window_tokens
     return {
-        "forget_rouge": passage_verbmem(
-            model, tokenizer, texts, passage.prompt_tokens, passage.continuation_tokens, spec.batch_size, progress
-        ),
+        "forget_rouge": verbmem,
         "forget_min_k": float(
-            np.mean(passage_min_k(model, tokenizer, texts, passage.window_tokens, spec.score_batch_size, spec.min_k))
+            np.mean(passage_min_k(model, tokenizer, texts, window_tokens, spec.score_batch_size, spec.min_k))
         ),
     }
+
+
+def _verbmem(
+    model: nn.Module, tokenizer: Any, records: Sequence[PassageRecord], spec: EvalSpec, progress: bool
+) -> float:
+    """``metrics.passage.passage_verbmem`` of the passages, windowed as ``spec.passage`` says."""
+    if spec.passage is None:
+        raise ValueError("passage records need EvalSpec.passage (forget_set.passage in params.yaml)")
+    passage = spec.passage
+    texts = [r.text for r in records]
+    return passage_verbmem(
+        model, tokenizer, texts, passage.prompt_tokens, passage.continuation_tokens, spec.batch_size, progress
+    )
 
 
 def _neighbour_scores(

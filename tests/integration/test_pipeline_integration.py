@@ -242,18 +242,27 @@ def test_a_multiple_choice_request_is_unlearned_and_scored_by_accuracy(smoke_run
 
 
 def test_a_passage_request_is_unlearned_and_scored_by_verbmem(smoke_run, tmp_path):
-    """A document to forget (the forget author's answers as one text) through the CLI, with no subject."""
+    """A document to forget (the forget author's answers as one text) through the CLI, with no subject,
+    beside a neighbour file of passages (retain authors' answers): their held-out half is scored by
+    VerbMem, and MUSE's KnowMem on other news joins the scores."""
     from codeunlearn.data.records import read_jsonl_records
 
     tmp, _ = smoke_run
-    forget = read_jsonl_records(tmp / "outputs" / "smoke" / "splits" / "forget.jsonl")
+    splits = tmp / "outputs" / "smoke" / "splits"
+    forget = read_jsonl_records(splits / "forget.jsonl")
+    retain = read_jsonl_records(splits / "retain.jsonl")
     passages = [" ".join(r.answer for r in forget[start : start + 5]) for start in (0, 5)]
     request_file = tmp_path / "passages.jsonl"
     request_file.write_text("".join(json.dumps({"text": text}) + "\n" for text in passages))
-    result = _forget_command(tmp, "--forget-file", str(request_file))
+    neighbours = [" ".join(r.answer for r in retain[start : start + 5]) for start in (0, 5, 10, 15)]
+    neighbour_file = tmp_path / "neighbour_passages.jsonl"
+    neighbour_file.write_text("".join(json.dumps({"text": text}) + "\n" for text in neighbours))
+    result = _forget_command(tmp, "--forget-file", str(request_file), "--retain-file", str(neighbour_file))
     before, after = result["metrics"]["before"], result["metrics"]["after"]
     assert {"forget_rouge", "forget_min_k", "model_utility"} <= set(after) and "forget_choice_acc" not in after
+    assert {"neighbour_verbmem", "knowmem_retain"} <= set(after) and "neighbour_rouge" not in after
     assert 0.0 <= after["forget_rouge"] <= 1.0 and before["forget_min_k"] > 0
     record = json.loads((tmp / "outputs" / "smoke" / "requests" / result["request_id"] / "audit.json").read_text())
     assert record["forget"]["kind"] == "passage" and record["forget"]["count"] == 2
+    assert record["neighbour"]["held_out_count"] == 2 and "neighbour_verbmem_after" in record["neighbour"]
     assert "passage" in json.dumps(record["verdict"])  # the relearning attack is skipped, and says why

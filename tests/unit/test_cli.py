@@ -27,7 +27,8 @@ def test_malformed_forget_file_is_refused_naming_file_field_and_row(tmp_path, mo
     assert not (tmp_path / "outputs").exists(), "a refused request must not write outputs"
 
 
-def test_a_neighbour_file_of_passages_is_refused(tmp_path, monkeypatch):
+def test_a_neighbour_file_of_multiple_choice_questions_is_refused(tmp_path, monkeypatch):
+    """A neighbour set holds QAs (scored by ROUGE) or passages (by VerbMem), never multiple choice."""
     from flows.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -35,11 +36,11 @@ def test_a_neighbour_file_of_passages_is_refused(tmp_path, monkeypatch):
     forget = tmp_path / "forget.jsonl"
     forget.write_text('{"question": "Who is Zorblat Quim?", "answer": "A sailor."}\n')
     neighbours = tmp_path / "neighbours.jsonl"
-    neighbours.write_text('{"text": "A long article about sailors."}\n')
+    neighbours.write_text('{"question": "Who is Mira Tolland?", "choices": ["A writer.", "A sailor."], "answer": 0}\n')
     args = ["forget", "--forget-file", str(forget), "--retain-file", str(neighbours), "--profile", "smoke"]
     result = CliRunner().invoke(app, [*args, "--params", str(params)])
     assert result.exit_code == 2
-    assert "neighbours.jsonl" in result.output and "QA records" in result.output
+    assert "neighbours.jsonl" in result.output and "qa or passage records" in result.output
     assert not (tmp_path / "outputs").exists()
 
 
