@@ -166,6 +166,13 @@ def generic_frontier_table(payload: dict[str, Any]) -> str:
     return "\n".join([markdown_table(header, rows), "", plot])
 
 
+def request_profile_table(payload: dict[str, Any]) -> str:
+    """A cold request's parts, cumulative seconds under the profiler."""
+    rows = [["request_s (profiled)", fmt(payload["request_s_profiled"])]]
+    rows += [[part, fmt(seconds)] for part, seconds in payload["parts_s"].items()]
+    return markdown_table(["part", "s"], rows)
+
+
 def reliability_table(payload: dict[str, Any]) -> str:
     """The crash comparison, the privacy search's hits, then each refusal's median time."""
     rows = [
@@ -205,6 +212,11 @@ def tables(profile: str) -> str:
     out = RESULTS / profile
     parts = [
         *section("Request latency (s)", out / "latency.json", lambda p: key_value_table(p, LATENCY_KEYS)),
+        *section(
+            "Where a cold request's time goes (`python -m bench.request_profile`)",
+            out / "request_profile.json",
+            request_profile_table,
+        ),
         *section("Codebook overhead", out / "overhead.json", lambda p: key_value_table(p, OVERHEAD_KEYS)),
         *section("Leaderboard", out / "leaderboard.json", leaderboard_tables),
         *section(
