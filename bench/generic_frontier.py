@@ -19,7 +19,7 @@ import argparse
 import json
 from typing import Any
 
-from bench.generic_request import BARS
+from bench.generic_request import BARS, ratios
 from bench.run import stamp
 from codeunlearn.io import read_json, write_json
 from codeunlearn.methods import get_method
@@ -29,6 +29,7 @@ from tasks.common import forget_records, load_role, method_params, neighbour_set
 from tasks.context import REPO_ROOT, RunContext, make_context, torch_threads
 
 METHOD = "codeunlearn"
+SCORED = ("forget_rouge", "neighbour_rouge")  # what each point is scored by, in ``rouges``' order
 
 
 def with_override(params: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -37,11 +38,6 @@ def with_override(params: dict[str, Any], override: dict[str, Any]) -> dict[str,
     if "gate" in override:
         merged["gate"] = {**params["gate"], **override["gate"]}
     return merged
-
-
-def meets(ratio: float, key: str) -> bool:
-    direction, bar = BARS[key]
-    return ratio <= bar if direction == "le" else ratio >= bar
 
 
 def measure(ctx: RunContext) -> dict[str, Any]:
@@ -67,15 +63,15 @@ def measure(ctx: RunContext) -> dict[str, Any]:
     for override in files["frontier"]:
         checkpoint = load_role(ctx, method.base_role)
         result = method.unlearn(checkpoint.model, checkpoint.tokenizer, forget, control, with_override(base, override))
-        forget_rouge, neighbour_rouge = rouges(checkpoint)
-        ratios = {"forget_rouge": forget_rouge / before[0], "neighbour_rouge": neighbour_rouge / before[1]}
+        after = dict(zip(SCORED, rouges(checkpoint), strict=True))
+        checked = ratios(dict(zip(SCORED, before, strict=True)), after, {key: BARS[key] for key in SCORED})
         points.append(
             {
                 "override": override,
-                "forget_rouge_after": forget_rouge,
-                "neighbour_rouge_after": neighbour_rouge,
-                "ratios": ratios,
-                "both_bars_met": all(meets(value, key) for key, value in ratios.items()),
+                "forget_rouge_after": after["forget_rouge"],
+                "neighbour_rouge_after": after["neighbour_rouge"],
+                "ratios": {key: item["ratio"] for key, item in checked.items()},
+                "both_bars_met": all(item["met"] for item in checked.values()),
                 "codes_disabled": result.stats["disabled_codes"],
             }
         )
@@ -89,7 +85,7 @@ def measure(ctx: RunContext) -> dict[str, Any]:
             "forget_rouge_before": before[0],
             "neighbour_rouge_before": before[1],
             "bars": {key: f"{'<=' if d == 'le' else '>='} {bar}x before" for key, (d, bar) in BARS.items()},
-            "bar_values": {key: BARS[key][1] for key in ("forget_rouge", "neighbour_rouge")},
+            "bar_values": {key: BARS[key][1] for key in SCORED},
             "points": points,
             "any_point_meets_both": any(p["both_bars_met"] for p in points),
             "control_records": len(control),

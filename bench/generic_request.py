@@ -55,21 +55,42 @@ def scratch_params(scratch: Path) -> Path:
     return path
 
 
+def run_fresh(command: list[str], scratch: Path, what: str) -> tuple[str, float]:
+    """A fresh process of this Python in the repository, MLflow in ``scratch``; its stdout and wall time."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, *command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    wall_s = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"{what} exited {result.returncode}:\n{result.stderr[-4000:]}")
+    print(f"{what}: {wall_s:.1f} s", flush=True)
+    return result.stdout, wall_s
+
+
+def printed_result(stdout: str) -> dict[str, Any]:
+    """The JSON `codeunlearn forget` prints after its logs."""
+    return json.loads(stdout[stdout.index("{") :])
+
+
+def write_result(profile: str, name: str, payload: dict[str, Any]) -> None:
+    """``bench/results/<profile>/<name>.json``, whole, and its before/after figures and ratios printed."""
+    write_json(REPO_ROOT / "bench" / "results" / profile / f"{name}.json", payload)
+    shown = {k: v for k, v in payload.items() if k.endswith(("_before", "_after")) or k == "ratios"}
+    print(json.dumps(shown, indent=2))
+
+
 def run_request(profile: str, files: dict[str, Any], scratch: Path) -> tuple[dict, float]:
     """One fresh `codeunlearn forget` process; its printed result and wall time."""
     command = [
-        sys.executable, "-m", "flows.cli", "forget",
+        "-m", "flows.cli", "forget",
         "--forget-file", str(REPO_ROOT / files["forget_file"]),
         "--retain-file", str(REPO_ROOT / files["retain_file"]),
         "--method", files["method"], "--profile", profile, "--params", str(scratch_params(scratch)),
     ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False)
-    wall_s = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"`codeunlearn forget` exited {result.returncode}:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout[result.stdout.index("{") :]), wall_s
+    stdout, wall_s = run_fresh(command, scratch, "`codeunlearn forget`")
+    return printed_result(stdout), wall_s
 
 
 def ratios(
@@ -120,10 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
     args = parser.parse_args()
-    payload = measure(args.profile)
-    write_json(REPO_ROOT / "bench" / "results" / args.profile / "generic_request.json", payload)
-    shown = {k: v for k, v in payload.items() if k.endswith(("_before", "_after")) or k == "ratios"}
-    print(json.dumps(shown, indent=2))
+    write_result(args.profile, "generic_request", measure(args.profile))
 
 
 if __name__ == "__main__":

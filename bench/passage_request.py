@@ -22,22 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.generic_request import ratios
+from bench.generic_request import printed_result, ratios, run_fresh, write_result
 from bench.run import MEASURED_COMMIT, machine
 from codeunlearn.config import deep_merge, load_settings, profile_outputs
 from codeunlearn.data.muse import read_json_array
-from codeunlearn.io import read_json, write_json
+from codeunlearn.io import read_json
 from tasks.context import PARAMS_FILE, REPO_ROOT
 
 # Issue 20's bars for a passage request: after / before of each figure.
@@ -113,20 +109,6 @@ def scratch_params(profile: str, scratch: Path, cfg: dict[str, Any], passages: i
     return path
 
 
-def run_logged(command: list[str], scratch: Path, what: str) -> tuple[str, float]:
-    """A fresh process of this Python in the repository, MLflow in ``scratch``; its stdout and wall time."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{scratch / 'mlflow.db'}"}
-    started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, *command], cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=False
-    )
-    wall_s = time.perf_counter() - started
-    if result.returncode != 0:
-        raise SystemExit(f"{what} exited {result.returncode}:\n{result.stderr[-4000:]}")
-    print(f"{what}: {wall_s:.1f} s", flush=True)
-    return result.stdout, wall_s
-
-
 def measure(profile: str) -> dict[str, Any]:
     settings = load_settings(PARAMS_FILE, profile)
     cfg = settings["bench"]["passage_request"]
@@ -145,14 +127,14 @@ def measure(profile: str) -> dict[str, Any]:
         train_s = {}
         for stage in STAGES:
             command = ["-m", "tasks", stage, "--profile", profile, "--params", str(params)]
-            train_s[stage] = run_logged(command, scratch, stage)[1]
+            train_s[stage] = run_fresh(command, scratch, stage)[1]
         command = [
             "-m", "flows.cli", "forget",
             "--forget-file", str(files["forget"]), "--retain-file", str(files["neighbours"]),
             "--method", cfg["method"], "--profile", profile, "--params", str(params),
         ]  # fmt: skip
-        stdout, cli_wall_s = run_logged(command, scratch, "codeunlearn forget")
-        result = json.loads(stdout[stdout.index("{") :])
+        stdout, cli_wall_s = run_fresh(command, scratch, "codeunlearn forget")
+        result = printed_result(stdout)
         audit = read_json(out_dir / "requests" / result["request_id"] / "audit.json")
         target = read_json(out_dir / "models" / "target" / "training.json")
     before, after = result["metrics"]["before"], result["metrics"]["after"]
@@ -195,10 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
     args = parser.parse_args()
-    payload = measure(args.profile)
-    write_json(REPO_ROOT / "bench" / "results" / args.profile / "passage_request.json", payload)
-    shown = {k: v for k, v in payload.items() if k.endswith(("_before", "_after")) or k == "ratios"}
-    print(json.dumps(shown, indent=2))
+    write_result(args.profile, "passage_request", measure(args.profile))
 
 
 if __name__ == "__main__":
