@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,6 +33,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 from transformers.utils import logging as transformers_logging
 
 from codeunlearn.io import atomic_dir, remove_dead_scratch, scratch_name
@@ -281,13 +283,36 @@ def _from_pretrained(directory: Path, num_layers: int | None) -> PreTrainedModel
     config.num_hidden_layers = num_layers
     if getattr(config, "layer_types", None):  # per-block attention kinds, where the architecture has them
         config.layer_types = config.layer_types[:num_layers]
-    # The blocks left out are reported as unexpected weights: by design here, so not worth a warning.
+    if (directory / WEIGHTS_FILE).exists():
+        return _first_blocks(directory, config)
+    # Sharded weights: from_pretrained reads the shards' index. The blocks left out are reported as
+    # unexpected weights: by design here, so not worth a warning.
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()
     try:
         return AutoModelForCausalLM.from_pretrained(directory, config=config, dtype=torch.float32)
     finally:
         transformers_logging.set_verbosity(verbosity)
+
+
+WEIGHTS_FILE = "model.safetensors"  # save_pretrained's single-file weights
+
+
+def _first_blocks(directory: Path, config: Any) -> PreTrainedModel:
+    """The model ``config`` describes (fewer blocks than saved), its weights read from the one safetensors
+    file by name. A request pays for every step of a load: this skips from_pretrained's per-weight key
+    mapping and a random initialisation that the saved weights would overwrite (issue 21)."""
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    wanted = model.state_dict().keys()
+    with safe_open(directory / WEIGHTS_FILE, framework="pt") as weights:
+        state = {name: weights.get_tensor(name).to(torch.float32) for name in weights.keys() if name in wanted}
+    loaded = model.load_state_dict(state, strict=False, assign=True)
+    missing = set(loaded.missing_keys) - set(getattr(model, "all_tied_weights_keys", None) or {})
+    if missing:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: weights missing: {', '.join(sorted(missing)[:5])}")
+    model.tie_weights()
+    return model
 
 
 def save_model(

@@ -23,7 +23,7 @@ from codeunlearn.checkpoints import model_sha256
 from codeunlearn.io import remove_dead_scratch, sha256_file
 from codeunlearn.lm.generation import greedy_answer
 from codeunlearn.models.device import resolve_device
-from codeunlearn.models.load import CACHE_MANIFEST, EXTRACT_PREFIX, MODELS_SUBDIR, WHEELS_SUBDIR, load_model, save_model
+from codeunlearn.models.load import CACHE_MANIFEST, EXTRACT_PREFIX, MODELS_SUBDIR, WHEELS_SUBDIR, load_model, load_model_dir, save_model
 from codeunlearn.models.sources import (
     SMOLLM2_WHEEL,
     SMOLLM2_WHEEL_SOURCE,
@@ -55,8 +55,9 @@ def _tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _tiny_model(vocab_size: int) -> LlamaForCausalLM:
+def _tiny_model(vocab_size: int, tie_word_embeddings: bool = False) -> LlamaForCausalLM:
     config = LlamaConfig(
+        tie_word_embeddings=tie_word_embeddings,
         vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
@@ -174,6 +175,42 @@ def test_load_with_bfloat16(tiny, tmp_path: Path) -> None:
     _, _, directory = tiny
     loaded, _ = load_model(str(directory), tmp_path / "cache", dtype="bfloat16")
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_first_blocks_equal_the_whole_models_and_read_no_other_weights(tiny, tmp_path: Path, tied: bool) -> None:
+    model, tokenizer, directory = tiny
+    if tied:  # SmolLM2's case: the LM head is the embedding, saved once
+        model = _tiny_model(len(tokenizer), tie_word_embeddings=True)
+        directory = tmp_path / "tied"
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    first = load_model_dir(directory, num_layers=1).model
+    assert len(first.model.layers) == 1 and not first.training
+    assert (first.lm_head.weight is first.model.embed_tokens.weight) == tied
+    ids = torch.tensor([tokenizer("w1 w2 w3 w4", add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        whole = model(ids, output_hidden_states=True).hidden_states[1]
+        # hidden_states[-1] is after the final norm; the block's own output is its pre-norm input
+        captured = []
+        handle = first.model.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+        first(ids)
+        handle.remove()
+    assert torch.equal(captured[0], whole)
+    own = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("model.layers.1.")}
+    assert first.state_dict().keys() == own.keys()
+    assert all(torch.equal(first.state_dict()[name], tensor) for name, tensor in own.items())
+
+
+def test_first_blocks_refuse_a_weights_file_that_lacks_one(tiny) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _, _, directory = tiny
+    weights = load_file(directory / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: weights missing: model\.layers\.0\.mlp\.up_proj"):
+        load_model_dir(directory, num_layers=1)
 
 
 def test_save_model_round_trip_and_refuses_overwrite(tiny, tmp_path: Path) -> None:
