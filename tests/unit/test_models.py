@@ -23,7 +23,15 @@ from codeunlearn.checkpoints import model_sha256
 from codeunlearn.io import remove_dead_scratch, sha256_file
 from codeunlearn.lm.generation import greedy_answer
 from codeunlearn.models.device import resolve_device
-from codeunlearn.models.load import CACHE_MANIFEST, EXTRACT_PREFIX, MODELS_SUBDIR, WHEELS_SUBDIR, load_model, load_model_dir, save_model
+from codeunlearn.models.load import (
+    CACHE_MANIFEST,
+    EXTRACT_PREFIX,
+    MODELS_SUBDIR,
+    WHEELS_SUBDIR,
+    load_model,
+    load_model_dir,
+    save_model,
+)
 from codeunlearn.models.sources import (
     SMOLLM2_WHEEL,
     SMOLLM2_WHEEL_SOURCE,
