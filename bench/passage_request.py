@@ -126,7 +126,7 @@ def measure(profile: str) -> dict[str, Any]:
         params = scratch_params(profile, scratch, cfg, passages)
         train_s = {}
         for stage in STAGES:
-            command = ["-m", "tasks", stage, "--profile", profile, "--params", str(params)]
+            command = ["-m", "flows.stage", stage, "--profile", profile, "--params", str(params)]
             train_s[stage] = run_fresh(command, scratch, stage)[1]
         command = [
             "-m", "flows.cli", "forget",

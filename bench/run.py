@@ -298,7 +298,7 @@ def pipeline_overhead(params_file: Path | None) -> dict[str, Any]:
     stages log themselves; the difference is Prefect and the flow's parent run. The end-to-end times of
     the README's commands are ``bench.pipeline_time``'s (a fresh clone), not derived here."""
     from flows.pipeline import pipeline
-    from tasks.registry import TASKS
+    from flows.registry import TASKS
     from tasks.stages import PIPELINE
 
     started = time.perf_counter()

@@ -56,8 +56,12 @@ def _with_parents(name: str) -> list[str]:
 
 
 @functools.cache
-def module_closure(name: str, root: Path = REPO_ROOT) -> tuple[Path, ...]:
-    """The files of ``name`` and of every project module it imports, transitively, sorted."""
+def module_closure(name: str, root: Path = REPO_ROOT, opaque: tuple[str, ...] = ()) -> tuple[Path, ...]:
+    """The files of ``name`` and of every project module it imports, transitively, sorted.
+
+    An ``opaque`` module's file counts but its imports are not followed: a registry package whose
+    ``__init__`` imports every plug-in to register it, where the caller runs only the plug-ins it names.
+    """
     seen: dict[str, Path] = {}
     pending = _with_parents(name)
     while pending:
@@ -68,6 +72,8 @@ def module_closure(name: str, root: Path = REPO_ROOT) -> tuple[Path, ...]:
         if path is None:
             continue
         seen[current] = path
+        if current in opaque:
+            continue
         imported = _imported_names(path.read_text(), current, path.name == "__init__.py")
         pending.extend(parent for found in imported for parent in _with_parents(found) if parent not in seen)
     if name not in seen:

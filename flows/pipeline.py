@@ -8,9 +8,9 @@ from pathlib import Path
 from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner
 
+from flows.registry import TASKS
 from tasks import tracking
 from tasks.context import make_context
-from tasks.registry import TASKS
 from tasks.stages import SIDE_BY_SIDE, stage_groups
 
 HEADLINE = (

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from prefect import flow
 
+from flows.registry import TASKS
 from tasks import tracking
 from tasks.context import make_context
-from tasks.registry import TASKS
 from tasks.stages import STUDIES, STUDY_INPUTS
 
 

@@ -1,7 +1,7 @@
 """Prefect tasks: one module per pipeline stage. The only place that talks to MLflow.
 
-Each stage is a Prefect task taking a ``RunContext``; ``python -m tasks <stage>`` runs the same
-function without Prefect (``task.fn``), which is what ``dvc repro`` calls.
+Each stage is a Prefect task taking a ``RunContext``; ``python -m flows.stage <stage>`` runs
+the same function without Prefect (``task.fn``), which is what ``dvc repro`` calls.
 """
 
 import os

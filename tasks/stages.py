@@ -1,5 +1,6 @@
 """The stages in order, by name: plain data the flows, DVC (``tests/test_stages.py`` checks dvc.yaml),
-the resume fingerprints and the CLI share. ``tasks.registry`` maps each name to its Prefect task.
+the resume fingerprints and the CLI share. ``flows.registry`` maps each name to its Prefect task.
+It imports nothing: the shared modules (``resume``) read it as the flows do.
 
 ``PIPELINE`` is the main job (``flows.pipeline``): one unlearning request, trained, applied, measured
 and reported. ``STUDIES`` (``flows.studies``) vary that request (the S' frontier, sequential and
@@ -27,7 +28,7 @@ SIDE_BY_SIDE = ("finetune_target", "finetune_oracle")
 STUDY_INPUTS = ("prepare_data", "validate_forget_set", "base_model", "finetune_target", "train_codebook")
 STUDIES = ("sweep", "sequential", "studies_report")
 STAGES = PIPELINE + STUDIES
-# The module holding each stage's task (``tests/test_stages.py`` checks it against ``tasks.registry``):
+# The module holding each stage's task (``tests/test_stages.py`` checks it against ``flows.registry``):
 # its source and the project modules it imports are part of the stage's fingerprint and DVC deps.
 STAGE_MODULES = {
     "prepare_data": "tasks.prepare_data",

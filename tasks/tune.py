@@ -8,7 +8,6 @@ being rerun (``point_key``), so a long grid can be completed over several sittin
 from __future__ import annotations
 
 import functools
-import hashlib
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE
 
+from codeunlearn.codehash import files_hash, module_closure
 from codeunlearn.config import deep_merge, settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.eval.suite import Suite
@@ -41,8 +41,9 @@ from tasks.resume import NOT_RESULTS, fingerprint
 
 TUNE_FILE = "tune.json"
 FRONTIER_FILE = "frontier.png"
-LIBRARY = REPO_ROOT / "codeunlearn"
-RENDERING = "report"  # the library's folder that only renders results
+RENDERING = REPO_ROOT / "codeunlearn" / "report"  # the library's folder that only renders results
+# Importing the methods package registers every method; a point runs only its own (and what that imports).
+METHOD_REGISTRY = "codeunlearn.methods"
 
 
 def tune_settings(ctx: RunContext) -> dict[str, Any]:
@@ -68,16 +69,20 @@ def point_context(ctx: RunContext, method: str, params: dict[str, Any]) -> RunCo
     return replace(ctx, settings=deep_merge(ctx.settings, get_method(method).params_override(params)))
 
 
+def point_code_files(method: str) -> tuple[Path, ...]:
+    """The code a point of ``method`` runs: this module and every project module it imports, and the
+    method's own module with its imports (``codehash.module_closure``), but for the other methods, which
+    the methods package imports only to register them, and ``report/`` (tables and plots drawn from the
+    results). So a change to one method never reruns another method's points."""
+    opaque = (METHOD_REGISTRY,)
+    own = type(get_method(method)).__module__
+    files = set(module_closure(__name__, opaque=opaque)) | set(module_closure(own, opaque=opaque))
+    return tuple(sorted(path for path in files if not path.is_relative_to(RENDERING)))
+
+
 @functools.cache
-def code_fingerprint() -> str:
-    """The code a point's result depends on: the library's source, hashed, but for ``report/`` (tables
-    and plots, drawn from the results, never changing them). The one place to switch to issue 22's
-    code-aware stage fingerprints (``tasks.resume``) once they land."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in LIBRARY.rglob("*.py") if RENDERING not in p.relative_to(LIBRARY).parts):
-        digest.update(str(path.relative_to(LIBRARY)).encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+def code_fingerprint(method: str) -> str:
+    return files_hash(point_code_files(method))
 
 
 def point_key(ctx: RunContext, method: str, params: dict[str, Any]) -> str:
@@ -93,7 +98,7 @@ def point_key(ctx: RunContext, method: str, params: dict[str, Any]) -> str:
             "oracle": fingerprint(point, "finetune_oracle"),
             "evaluate": point.settings["evaluate"],
             "attacks": tune_settings(ctx)["attacks"],
-            "code": code_fingerprint(),
+            "code": code_fingerprint(method),
         }
     )
 
@@ -181,7 +186,7 @@ def summarize_tune(
         "settings": exact_settings(ctx, methods),
         "git_commit": ctx.git_commit,
         "params_hash": ctx.params_hash,
-        "code_fingerprint": code_fingerprint(),
+        "code_fingerprints": {method: code_fingerprint(method) for method in methods},
     }
 
 

@@ -23,6 +23,8 @@ and type names. Great Expectations is imported lazily because its import alone t
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -359,7 +361,23 @@ def check_request(
 ) -> ValidationReport:
     """A request's forget set against the profile's retain split (``validation:`` in params.yaml as
     ``bounds``): the report, or ``ForgetSetValidationError`` naming every failed expectation. Writes
-    nothing (the GX context is ephemeral), so it runs before any run is opened or folder made."""
-    report = validate_forget_retain(forget, retain, ValidationBounds(**bounds), source=source)
-    require_valid(report, source)
-    return report
+    nothing (the GX context is ephemeral), so it runs before any run is opened or folder made.
+
+    A passing check is remembered for the process by its inputs' content: the CLI checks a request
+    before Prefect starts and the request flow checks it again as its first step, and the suite then
+    runs once. A failing check is never remembered."""
+    key = _request_key(forget, retain, bounds, source)
+    if key not in _PASSED_REQUESTS:
+        report = validate_forget_retain(forget, retain, ValidationBounds(**bounds), source=source)
+        require_valid(report, source)
+        _PASSED_REQUESTS[key] = report
+    return copy.deepcopy(_PASSED_REQUESTS[key])
+
+
+_PASSED_REQUESTS: dict[str, ValidationReport] = {}
+
+
+def _request_key(forget: Sequence[Any], retain: Sequence[Any], bounds: Mapping[str, Any], source: str) -> str:
+    # Records are frozen dataclasses or mappings: their repr holds every field, in a fixed order.
+    content = repr((list(forget), list(retain), sorted(bounds.items()), source))
+    return hashlib.sha256(content.encode()).hexdigest()

@@ -193,7 +193,7 @@ def test_editing_the_record_itself_or_its_local_copy_fails(tmp_path):
 def test_dvc_lock_summary(tmp_path):
     assert dvc_lock_summary(tmp_path / "dvc.lock") is None
     (tmp_path / "dvc.lock").write_text(
-        "schema: '2.0'\nstages:\n  prepare_data:\n    cmd: python -m tasks prepare_data\n    outs:\n"
+        "schema: '2.0'\nstages:\n  prepare_data:\n    cmd: python -m flows.stage prepare_data\n    outs:\n"
         "    - path: data/outputs/smoke/splits\n      hash: md5\n      md5: 0123abcd.dir\n      size: 10\n"
     )
     summary = dvc_lock_summary(tmp_path / "dvc.lock")

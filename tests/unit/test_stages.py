@@ -16,7 +16,7 @@ def test_dvc_declares_every_stage_the_flows_run_and_each_runs_its_own_task():
     stages = dvc_stages()
     assert set(stages) == set(STAGES)
     for name, body in stages.items():
-        assert body["cmd"] == f"python -m tasks {name}", name
+        assert body["cmd"] == f"python -m flows.stage {name}", name
 
 
 def test_no_main_job_stage_depends_on_a_study_output():
@@ -40,7 +40,7 @@ def test_the_studies_read_only_main_job_stages_that_precede_evaluation():
 
 
 def test_each_stage_module_is_the_module_of_its_registered_task():
-    from tasks.registry import TASKS
+    from flows.registry import TASKS
     from tasks.stages import STAGE_MODULES
 
     assert {name: task.fn.__module__ for name, task in TASKS.items()} == STAGE_MODULES

@@ -212,3 +212,18 @@ def test_the_bench_leaderboard_carries_the_tuned_rows_with_their_params(tmp_path
     write_json(ctx.stage_dir("tune") / "tune.json", {"leaderboard": rows, "git_commit": "c0ffee"})
     payload = leaderboard_payload(ctx)
     assert payload["tuned_rows"] == rows and payload["tune_git_commit"] == "c0ffee"
+
+
+def test_a_points_code_is_its_own_methods_and_the_shared_code_never_another_methods():
+    from tasks.tune import code_fingerprint, point_code_files
+    from tests.conftest import REPO_ROOT
+
+    methods = REPO_ROOT / "codeunlearn" / "methods"
+    npo = set(point_code_files("npo"))
+    assert {methods / "npo.py", methods / "graddiff.py", methods / "base.py"} <= npo  # graddiff: npo imports it
+    assert REPO_ROOT / "tasks" / "tune.py" in npo and REPO_ROOT / "codeunlearn" / "eval" / "suite.py" in npo
+    assert not {methods / "rmu.py", methods / "ga.py", methods / "zerounlearn" / "method.py"} & npo
+    assert methods / "codeunlearn" / "select.py" not in npo
+    assert methods / "codeunlearn" / "select.py" in point_code_files("codeunlearn")
+    assert not any(path.is_relative_to(REPO_ROOT / "codeunlearn" / "report") for path in npo)
+    assert code_fingerprint("npo") != code_fingerprint("rmu")

@@ -104,6 +104,34 @@ def test_missing_field_in_raw_mappings_is_caught(retain: list) -> None:
     assert "answer" in failure.detail and "subject" in failure.detail
 
 
+def test_a_request_checked_twice_runs_the_suite_once_and_a_failure_every_time(
+    forget: list, retain: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's early check and the flow's first step see the same request: one suite run between them."""
+    from codeunlearn.data import validation
+
+    runs = []
+    real = validation.validate_forget_retain
+
+    def counted(*args: object, **kwargs: object) -> ValidationReport:
+        runs.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(validation, "validate_forget_retain", counted)
+    monkeypatch.setattr(validation, "_PASSED_REQUESTS", {})
+    bounds = vars(BOUNDS)
+    first = validation.check_request(forget, retain, bounds, "forget.jsonl")
+    again = validation.check_request(list(forget), list(retain), dict(bounds), "forget.jsonl")
+    assert len(runs) == 1 and again == first and again is not first
+    validation.check_request(_set(forget, 1, answer="another answer"), retain, bounds, "forget.jsonl")
+    assert len(runs) == 2  # other content: checked afresh
+    bad = _set(forget, 4, answer="  \n ")
+    for _ in range(2):
+        with pytest.raises(ForgetSetValidationError):
+            validation.check_request(bad, retain, bounds, "forget.jsonl")
+    assert len(runs) == 4  # a failure is never remembered
+
+
 def test_empty_answer(forget: list, retain: list) -> None:
     report = validate_forget_retain(_set(forget, 4, answer="  \n "), retain, BOUNDS)
     assert not report.success

@@ -1,4 +1,4 @@
-"""Run one stage without Prefect (what ``dvc repro`` calls): ``python -m tasks <stage> [--profile NAME]
+"""Run one stage without Prefect (what ``dvc repro`` calls): ``python -m flows.stage <stage> [--profile NAME]
 [--params FILE]``."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from flows.registry import TASKS
 from tasks.context import make_context
-from tasks.registry import TASKS
 from tasks.stages import STAGES
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m flows.stage", description=__doc__)
     parser.add_argument("stage", choices=list(STAGES))
     parser.add_argument("--profile", default=None, help="profile in params.yaml (default: its `profile` field)")
     parser.add_argument("--params", default=None, help="params file (default: the repository's params.yaml)")

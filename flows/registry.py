@@ -1,6 +1,5 @@
-"""Each stage's Prefect task by name, in ``tasks.stages`` order: what the flows and ``python -m tasks`` run.
-
-The only module besides the flows that imports the stage modules; none of them imports it.
+"""Each stage's Prefect task by name, in ``tasks.stages`` order: what the flows and ``python -m flows.stage``
+(DVC's entry point) run. The tasks layer never imports it, so no stage module imports another.
 """
 
 from __future__ import annotations
@@ -30,4 +29,4 @@ TASKS = {
     "studies_report": studies_report,
 }
 if tuple(TASKS) != STAGES:
-    raise RuntimeError(f"tasks.registry names {tuple(TASKS)}, tasks.stages orders {STAGES}")
+    raise RuntimeError(f"flows.registry names {tuple(TASKS)}, tasks.stages orders {STAGES}")
