@@ -27,10 +27,11 @@ from codeunlearn.data.neighbours import NeighbourSplit, split_neighbours
 from codeunlearn.data.records import QARecord
 from codeunlearn.data.validation import ValidationBounds, validate_forget_retain
 from codeunlearn.data.validation_report import ValidationReport, require_valid
-from codeunlearn.eval.muse import KnowMemSet, MuseSpec, load_knowmem_set, muse_spec
+from codeunlearn.eval.muse import KnowMemSet, MuseSpec, knowmem_score, load_knowmem_set, muse_spec
 from codeunlearn.eval.suite import Suite, muse_run, relearn_spec
 from codeunlearn.io import atomic_write_text, read_json, write_json
 from codeunlearn.methods import UnlearnResult, get_method
+from codeunlearn.metrics.scoring import ExtraScore
 from codeunlearn.metrics.sets import evenly_spaced
 from codeunlearn.models.device import resolve_device
 from codeunlearn.models.load import Checkpoint
@@ -208,6 +209,16 @@ def request_knowmem(ctx: RunContext, forget_kind: str) -> tuple[KnowMemSet, Muse
     icl_examples = ctx.settings["evaluate"]["muse"]["icl_examples"]
     knowmem = load_knowmem_set(muse_dir, cfg["file"], cfg["icl_file"], cfg["size"], icl_examples)
     return knowmem, muse_spec(ctx.settings["evaluate"])
+
+
+def request_extra_scores(ctx: RunContext, forget_kind: str) -> dict[str, ExtraScore]:
+    """The scores a request of ``forget_kind`` adds to ``request_scores``' own, by name: a passage
+    request's ``knowmem_retain`` (``request_knowmem``); none for another kind."""
+    knowmem = request_knowmem(ctx, forget_kind)
+    if knowmem is None:
+        return {}
+    qas, spec = knowmem
+    return {"knowmem_retain": lambda model, tokenizer, progress: knowmem_score(model, tokenizer, qas, spec, progress)}
 
 
 def request_control(ctx: RunContext, retain_file: str | None) -> list[Any]:

@@ -34,7 +34,7 @@ from tasks.common import (
     read_forget_file,
     record_timing,
     request_control,
-    request_knowmem,
+    request_extra_scores,
     requests_dir,
     run_method,
 )
@@ -109,12 +109,12 @@ def evaluate_request(
     """Forget ROUGE on the request's own forget set beside model utility (retain, real authors, world
     facts: ROUGE, Prob, truth ratio) and the neighbour file's held-out part (ROUGE and Prob of QAs, VerbMem
     of passages), before and after; a passage request also scores MUSE's KnowMem on other news
-    (``request_knowmem``). What the forget records' scores are depends on their kind
+    (``request_extra_scores``). What the forget records' scores are depends on their kind
     (``metrics.scoring.request_scores``)."""
     forget = read_forget_file(ctx, forget_file, request["forget_kind"]).records
     neighbours = neighbour_sets(ctx, retain_file)
     held_out = neighbours[1] if neighbours is not None else ()
-    knowmem = request_knowmem(ctx, request["forget_kind"])
+    extra = request_extra_scores(ctx, request["forget_kind"])
     utility = ctx.utility_sets()
     spec = ctx.eval_spec()
     out = requests_dir(ctx) / request["request_id"]
@@ -123,7 +123,7 @@ def evaluate_request(
 
     def scores(checkpoint: Checkpoint) -> dict[str, float]:
         return request_scores(
-            checkpoint.model, checkpoint.tokenizer, forget, utility, spec, neighbour=held_out, knowmem=knowmem
+            checkpoint.model, checkpoint.tokenizer, forget, utility, spec, neighbour=held_out, extra=extra
         )
 
     started = time.perf_counter()

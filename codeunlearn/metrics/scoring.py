@@ -25,7 +25,7 @@ Nothing here returns or logs generated text: a model's answers may quote the for
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,6 @@ import torch
 from torch import nn
 
 from codeunlearn.data.forget_files import ChoiceRecord, PassageRecord
-from codeunlearn.eval.muse import KnowMemSet, MuseSpec, knowmem_score
 from codeunlearn.lm.generation import answer_token_logprobs, generate_answers, mean_nll
 from codeunlearn.lm.prompting import encode_qa, pad_batch
 from codeunlearn.lm.training import to_device
@@ -54,6 +53,8 @@ from codeunlearn.metrics.tofu import (
 )
 
 log = logging.getLogger(__name__)
+# A score that needs its own data (model, tokenizer, progress) -> value: ``request_scores``' ``extra``.
+ExtraScore = Callable[[nn.Module, Any, bool], float]
 
 # Membership-inference attacks, each a METRICS name scoring one item from its answer-token log-probs
 # (with the ``EvalSpec`` field it takes, if any). A row reports each attack's AUC (``mia_<attack>_auc``)
@@ -163,14 +164,15 @@ def request_scores(
     spec: EvalSpec,
     progress: bool = False,
     neighbour: Sequence[Any] = (),
-    knowmem: tuple[KnowMemSet, MuseSpec] | None = None,
+    extra: Mapping[str, ExtraScore] | None = None,
 ) -> dict[str, float]:
     """A request's numbers: forget ROUGE on its own records beside the model utility of ``utility``'s
     retain / real-authors / world-facts sets and each set's ROUGE, Prob and truth ratio, and, given the
     held-out part of a neighbour set, its ROUGE and answer probability (``neighbour_rouge``,
     ``neighbour_prob``), or for passage neighbours their VerbMem (``neighbour_verbmem``, as the forget
-    passages'). Given ``knowmem``, MUSE's KnowMem on those QAs (``knowmem_retain``: knowledge of other
-    news a passage request must keep). One decoding pass serves every question.
+    passages'). ``extra`` adds a score by name, computed on the same model: a passage request's
+    ``knowmem_retain``, MUSE's KnowMem on other news it must keep (``eval.muse.knowmem_score``). One
+    decoding pass serves every question.
 
     The forget records' kind sets what ``forget_rouge`` is (``data.forget_files``): a QA's ROUGE-L recall
     of the greedy answer; a multiple-choice question's, of its right option, beside ``forget_choice_acc``
@@ -197,8 +199,8 @@ def request_scores(
         row.update(_neighbour_scores(model, tokenizer, neighbour_qas, generated[len(qas) : len(own)], spec, progress))
     if neighbour_passages:
         row["neighbour_verbmem"] = _verbmem(model, tokenizer, neighbour_passages, spec, progress)
-    if knowmem is not None:
-        row["knowmem_retain"] = knowmem_score(model, tokenizer, *knowmem, progress)
+    for name, score in (extra or {}).items():
+        row[name] = score(model, tokenizer, progress)
     if splits:
         row.update(summarize(_score_splits(model, tokenizer, splits, (), generated[len(own) :], spec, progress)))
     return row

@@ -128,7 +128,8 @@ def test_the_cli_takes_a_passage_neighbour_file_and_refuses_a_choice_one(tmp_pat
 
 def test_a_passage_request_scores_knowmem_as_the_muse_run_does(tiny_model, tiny_tokenizer, one_thread) -> None:
     forget = _passages(ARTICLES[:1], "f")
-    row = request_scores(tiny_model, tiny_tokenizer, forget, NO_UTILITY, SPEC, knowmem=(KNOWMEM, MUSE_SPEC))
+    extra = {"knowmem_retain": lambda model, tokenizer, progress: knowmem_score(model, tokenizer, KNOWMEM, MUSE_SPEC)}
+    row = request_scores(tiny_model, tiny_tokenizer, forget, NO_UTILITY, SPEC, extra=extra)
     assert row["knowmem_retain"] == pytest.approx(knowmem_score(tiny_model, tiny_tokenizer, KNOWMEM, MUSE_SPEC))
     sets = MuseSets(knowmem_retain=KNOWMEM.qas, icl_retain=KNOWMEM.icl)
     assert row["knowmem_retain"] == pytest.approx(
@@ -141,7 +142,7 @@ def test_a_passage_request_scores_knowmem_as_the_muse_run_does(tiny_model, tiny_
 def test_only_a_passage_request_loads_knowmem_on_other_news(tmp_path) -> None:
     from codeunlearn.data.muse import read_pairs
     from codeunlearn.metrics.sets import evenly_spaced
-    from tasks.common import request_knowmem
+    from tasks.common import request_extra_scores, request_knowmem
     from tasks.context import make_context
     from tests.conftest import write_params
 
@@ -153,6 +154,7 @@ def test_only_a_passage_request_loads_knowmem_on_other_news(tmp_path) -> None:
     assert len(knowmem.icl) == ctx.settings["evaluate"]["muse"]["icl_examples"]
     assert spec.knowmem_max_new_tokens == ctx.settings["evaluate"]["muse"]["knowmem_max_new_tokens"]
     assert request_knowmem(ctx, "qa") is None and request_knowmem(ctx, "choice") is None
+    assert set(request_extra_scores(ctx, "passage")) == {"knowmem_retain"} and request_extra_scores(ctx, "qa") == {}
 
 
 # --------------------------------------------------------------------------- a passage request end to end
