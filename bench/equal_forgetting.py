@@ -24,12 +24,11 @@ from typing import Any
 
 import yaml
 
-from bench.run import RESULTS, request_process, stamp
+from bench.run import RESULTS, request_process, stamp, time_unlearning
 from codeunlearn.config import deep_merge
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import read_json, write_json
 from codeunlearn.methods import get_method
-from codeunlearn.profiling import ResourceMeter
 from tasks.common import load_role
 from tasks.context import PARAMS_FILE, RunContext, make_context
 from tasks.tune import point_context
@@ -86,15 +85,8 @@ def time_baseline(ctx: RunContext, params: Mapping[str, Any], repeats: int) -> l
     forget = read_jsonl_records(ctx.stage_dir("splits") / "forget.jsonl")
     retain, _ = ctx.retain_split()
     target = load_role(ctx, get_method(BASELINE).base_role)
-    runs = []
-    for _ in range(repeats):
-        with ResourceMeter() as meter:
-            get_method(BASELINE).unlearn(
-                target.model, target.tokenizer, forget, retain, point.method_params(BASELINE, {})
-            )
-        runs.append(meter.wall_s)
-        print(f"equal forgetting: {BASELINE} {meter.wall_s:.1f} s", flush=True)
-    return runs
+    params = point.method_params(BASELINE, {})
+    return time_unlearning(target, BASELINE, forget, retain, params, repeats, "equal forgetting")[0]
 
 
 def measure(ctx: RunContext, summary: Mapping[str, Any], repeats: int) -> dict[str, Any]:

@@ -130,21 +130,28 @@ def latency(
     else:
         target = load_role(ctx, "target")
         for method in baselines:
-            runs, peaks = [], []
-            for _ in range(repeats):
-                with ResourceMeter() as meter:
-                    get_method(method).unlearn(
-                        target.model, target.tokenizer, forget, retain, ctx.method_params(method, {})
-                    )
-                runs.append(meter.wall_s)
-                peaks.append(meter.peak_mem_mb)
-                print(f"latency: {method} {meter.wall_s:.1f} s", flush=True)
+            params = ctx.method_params(method, {})
+            runs, peaks = time_unlearning(target, method, forget, retain, params, repeats, "latency")
             result[f"{method}_s"] = statistics.median(runs)
             result[f"{method}_runs_s"] = runs
             result[f"{method}_peak_mem_mb"] = max(peaks)
     if "npo_s" in result:
         result["npo_s_over_codeunlearn_request_s"] = result["npo_s"] / result["codeunlearn_request_s"]
     return result
+
+
+def time_unlearning(
+    checkpoint: Any, method: str, forget: list, retain: list, params: dict[str, Any], repeats: int, label: str
+) -> tuple[list[float], list[float]]:
+    """``method``'s unlearning call on the loaded ``checkpoint``, ``repeats`` times: wall seconds and peak MB."""
+    runs, peaks = [], []
+    for _ in range(repeats):
+        with ResourceMeter() as meter:
+            get_method(method).unlearn(checkpoint.model, checkpoint.tokenizer, forget, retain, params)
+        runs.append(meter.wall_s)
+        peaks.append(meter.peak_mem_mb)
+        print(f"{label}: {method} {meter.wall_s:.1f} s", flush=True)
+    return runs, peaks
 
 
 def codeunlearn_in_process(ctx: RunContext, forget: list, retain: list, repeats: int) -> dict[str, Any]:
