@@ -328,17 +328,22 @@ def leaderboard_payload(ctx: RunContext) -> dict[str, Any]:
     """The pipeline's own rows (target, oracle, codebook model, CodeUnlearn, random codes: ``eval/``) and,
     where the profile's comparison and tuning ran, their rows; each part names the commit that produced it."""
     payload: dict[str, Any] = {}
-    for part, stage, name in (("pipeline", "eval", "metrics.json"), ("compare", "compare", "leaderboard.json")):
-        path = ctx.stage_dir(stage) / name
+    parts = (
+        ("pipeline", ctx.stage_dir("eval") / "metrics.json", "pipeline_rows"),
+        ("compare", ctx.stage_dir("compare") / "leaderboard.json", "rows"),
+        # Each method at its tuned point, attacks included (``python -m flows.compare --tuned``).
+        ("tuned_compare", ctx.stage_dir("compare") / "tuned" / "leaderboard.json", "tuned_compare_rows"),
+    )
+    for part, path, key in parts:
         if not path.exists():
             print(f"{path} missing: no {part} rows")
             continue
         run = path.with_name("run.json")
         rows = read_json(path)
-        payload[f"{part}_rows" if part == "pipeline" else "rows"] = (
-            leaderboard_rows(rows) if part == "pipeline" else rows
-        )
+        payload[key] = leaderboard_rows(rows) if part == "pipeline" else rows
         payload[f"{part}_git_commit"] = read_json(run)["git_commit"] if run.exists() else None
+        if (selection := path.with_name("selection.json")).exists():
+            payload[f"{part}_selection"] = read_json(selection)["selection"]
     tuned = ctx.stage_dir("tune") / "tune.json"
     if tuned.exists():
         # Each method's point selected by the tuning rule, with its params (``python -m flows.tune``).

@@ -86,6 +86,14 @@ def leaderboard_tables(payload: dict[str, Any]) -> str:
             "",
             selection_table(payload["tuned_rows"]),
         ]
+    if payload.get("tuned_compare_rows"):
+        commit = payload.get("tuned_compare_git_commit") or "unknown"
+        parts += [
+            f"Tuned comparison (`python -m flows.compare --tuned`, commit {commit[:10]}): each method at its "
+            "selected point, attacks included:",
+            "",
+            to_markdown(payload["tuned_compare_rows"]),
+        ]
     return "\n".join(parts) if parts else "no rows"
 
 

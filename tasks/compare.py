@@ -1,16 +1,24 @@
-"""The comparison: every method on the same model, forget set and evaluation, then a leaderboard."""
+"""The comparison: every method on the same model, forget set and evaluation, then a leaderboard.
+
+``compare.tuned``: each method at the point ``flows.tune`` selected for it (``tune/tune.json``) instead of
+its params block, under the same attacks; those runs and their leaderboard live in ``compare/tuned/``,
+beside the literature settings', and share the oracle's and target's evaluations.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.config import settings_hash
+from codeunlearn.config import deep_merge, settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.eval.suite import Suite
+from codeunlearn.eval.tune import SELECTED
 from codeunlearn.io import atomic_write_text, read_json, write_json
 from codeunlearn.methods import get_method
 from codeunlearn.metrics.scoring import ModelScores, flatten_metrics
@@ -21,9 +29,61 @@ from tasks.common import build_suite, deploy, load_role, run_method
 from tasks.context import RunContext, torch_threads
 from tasks.resume import fingerprint
 
+REFERENCES = ("target", "oracle")  # scored once, whatever params the methods run with
+TUNED_DIR = "tuned"
+TUNE_SUMMARY = ("tune", "tune.json")  # flows.tune's summary: stage folder, file
+SELECTION_FILE = "selection.json"
+
+
+def is_tuned(ctx: RunContext) -> bool:
+    return bool(ctx.settings["compare"].get("tuned"))
+
+
+def leaderboard_dir(ctx: RunContext) -> Path:
+    root = ctx.stage_dir("compare")
+    return root / TUNED_DIR if is_tuned(ctx) else root
+
 
 def method_dir(ctx: RunContext, method: str) -> Path:
-    return ctx.stage_dir("compare") / method
+    return (ctx.stage_dir("compare") if method in REFERENCES else leaderboard_dir(ctx)) / method
+
+
+@task(name="tuned_contexts", cache_policy=NONE)
+def tuned_contexts(ctx: RunContext, methods: list[str]) -> dict[str, RunContext]:
+    """Each method's context with its tuned point's params set in its params block. A method whose grid
+    has no point at the utility floor is left out and says so; one the summary never tuned is an error.
+    Writes ``compare/tuned/selection.json``: which point each method runs, and from which tuning."""
+    path = ctx.stage_dir(TUNE_SUMMARY[0]) / TUNE_SUMMARY[1]
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tuning summary; run python -m flows.tune --profile {ctx.profile} first")
+    summary = read_json(path)
+    untuned = [m for m in methods if m not in summary["selection"]]
+    if untuned:
+        raise KeyError(f"{path}: selection: no grid run for {', '.join(untuned)} (python -m flows.tune --methods ...)")
+    selection = {m: summary["selection"][m] for m in methods}
+    contexts = {}
+    for method, chosen in selection.items():
+        if chosen["status"] != SELECTED:
+            logging.getLogger(__name__).warning("%s: left out of the tuned comparison (%s)", method, chosen["status"])
+            continue
+        override = get_method(method).params_override(chosen["params"])
+        contexts[method] = replace(ctx, settings=deep_merge(ctx.settings, override))
+    record = {"tune_git_commit": summary["git_commit"], "tune_params_hash": summary["params_hash"]}
+    write_json(leaderboard_dir(ctx) / SELECTION_FILE, {**record, "selection": selection})
+    return contexts
+
+
+def selection_notes(ctx: RunContext) -> str:
+    """The tuned leaderboard's footnote: each method's point and params, or why it was left out."""
+    path = leaderboard_dir(ctx) / SELECTION_FILE
+    if not is_tuned(ctx) or not path.exists():
+        return ""
+    saved = read_json(path)
+    lines = [f"\nEach method at the point `flows.tune` selected (tune.json at commit {saved['tune_git_commit']}):\n"]
+    for method, chosen in saved["selection"].items():
+        where = f"point {chosen['index']}, {chosen['params']}" if chosen["status"] == SELECTED else chosen["status"]
+        lines.append(f"- {method}: {where}")
+    return "\n".join(lines) + "\n"
 
 
 @task(name="unlearn_method", cache_policy=NONE)
@@ -142,16 +202,17 @@ def evaluate_model(ctx: RunContext, suite: Suite, name: str, stats: dict[str, An
 @task(name="leaderboard", cache_policy=NONE)
 def leaderboard(ctx: RunContext, results: dict[str, dict]) -> list[dict[str, Any]]:
     rows = leaderboard_rows(results)
-    out = ctx.stage_dir("compare")
+    out = leaderboard_dir(ctx)
     write_json(out / "results.json", results)
     write_json(out / "run.json", {"git_commit": ctx.git_commit, "params_hash": ctx.params_hash})
     write_json(out / "leaderboard.json", rows)
     atomic_write_text(out / "leaderboard.csv", to_csv(rows))
-    atomic_write_text(out / "leaderboard.md", to_markdown(rows))
+    atomic_write_text(out / "leaderboard.md", to_markdown(rows) + selection_notes(ctx))
     leaderboard_plot(rows, out / "leaderboard.png")
     with tracking.stage_run(ctx, "leaderboard"):
         flat = {f"{name}.{k}": v for name, row in results.items() for k, v in flatten_metrics(row).items()}
         tracking.log_metrics(flat)
-        for name in ("leaderboard.json", "leaderboard.csv", "leaderboard.md", "leaderboard.png"):
-            tracking.log_artifacts(out / name, "leaderboard")
+        for name in ("leaderboard.json", "leaderboard.csv", "leaderboard.md", "leaderboard.png", SELECTION_FILE):
+            if (out / name).exists():
+                tracking.log_artifacts(out / name, "leaderboard")
     return rows

@@ -180,6 +180,18 @@ def test_the_tuning_grid_runs_on_two_dask_workers_selects_and_resumes(smoke_run)
     assert again["selection"] == summary["selection"]
     assert {path: path.stat().st_mtime_ns for path in points} == stamps
 
+    # The tuned comparison: each method with a selected point runs there, attacks included.
+    from codeunlearn.io import read_json
+    from flows.compare import compare
+
+    selected = [m for m in methods if summary["selection"][m]["status"] == SELECTED]
+    rows = {row["method"]: row for row in compare(profile="smoke", params_file=params, methods=methods, tuned=True)}
+    assert set(rows) == {"oracle", "target", *selected}
+    assert all(rows[m]["forget_rouge_q4"] is not None for m in selected)
+    tuned = tmp / "outputs" / "smoke" / "compare" / "tuned"
+    assert read_json(tuned / "selection.json")["selection"] == summary["selection"]
+    assert read_json(tuned / "leaderboard.json") == list(rows.values())
+
 
 def test_a_request_keeps_the_forget_text_out_of_mlflow_and_logs(smoke_run, tmp_path, capfd):
     """A generic-JSONL request end to end; neither the MLflow store nor the output holds its questions or

@@ -102,3 +102,24 @@ def test_the_tuning_table_shows_each_methods_selected_point_with_its_params_and_
     assert "| rmu | no point meets the utility floor |" in text
     assert "| ga | 8 | 3 | True | False |" in text
     assert "![tuning frontier](img/tune_default.png)" in text
+
+
+def test_the_tuned_comparison_rows_show_beside_the_literature_settings_with_their_commit(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    from codeunlearn.report.leaderboard import COLUMNS
+
+    literature = {"method": "rmu", **dict.fromkeys(COLUMNS), "forget_rouge": 0.9}
+    tuned = {"method": "rmu", **dict.fromkeys(COLUMNS), "forget_rouge": 0.05, "forget_rouge_q4": 0.4}
+    write_json(
+        tables.RESULTS / "default" / "leaderboard.json",
+        {
+            "rows": [literature],
+            "tuned_compare_rows": [tuned],
+            "tuned_compare_git_commit": "tuned3333333",
+            "machine": MACHINE,
+            "git_commit": "b" * 12,
+        },
+    )
+    text = tables.tables("default")
+    assert "Tuned comparison (`python -m flows.compare --tuned`, commit tuned33333)" in text
+    assert "| rmu | 0.900 |" in text and "| rmu | 0.050 |" in text and "| 0.400 |" in text

@@ -227,3 +227,39 @@ def test_a_points_code_is_its_own_methods_and_the_shared_code_never_another_meth
     assert methods / "codeunlearn" / "select.py" in point_code_files("codeunlearn")
     assert not any(path.is_relative_to(REPO_ROOT / "codeunlearn" / "report") for path in npo)
     assert code_fingerprint("npo") != code_fingerprint("rmu")
+
+
+def test_the_tuned_comparison_runs_each_method_at_its_selected_point(tmp_path):
+    from codeunlearn.io import read_json, write_json
+    from tasks import compare
+    from tasks.context import make_context
+    from tests.conftest import write_params
+
+    params = write_params(tmp_path)
+    ctx = make_context("smoke", params, {"compare": {"tuned": True}})
+    with pytest.raises(FileNotFoundError, match=r"tune\.json: no tuning summary; run python -m flows\.tune"):
+        compare.tuned_contexts.fn(ctx, ["npo"])
+    selection = {
+        "npo": {"status": SELECTED, "index": 1, "params": {"beta": 0.5}},
+        "ga": {"status": NO_POINT_MEETS_FLOOR},
+    }
+    summary = {"selection": selection, "git_commit": "abc1234", "params_hash": "p0"}
+    write_json(ctx.stage_dir("tune") / "tune.json", summary)
+    with pytest.raises(KeyError, match="no grid run for rmu"):
+        compare.tuned_contexts.fn(ctx, ["npo", "rmu"])
+
+    contexts = compare.tuned_contexts.fn(ctx, ["npo", "ga"])
+    assert list(contexts) == ["npo"]  # ga's grid never met the floor: left out, and said so
+    assert contexts["npo"].settings["methods"]["npo"]["beta"] == 0.5
+    plain = make_context("smoke", params)
+    assert plain.settings["methods"]["npo"]["beta"] != 0.5
+    assert compare.method_fingerprint(contexts["npo"], "npo") != compare.method_fingerprint(plain, "npo")
+    # The tuned runs live beside the literature settings' and share the references' evaluations.
+    assert compare.method_dir(contexts["npo"], "npo") == ctx.stage_dir("compare") / "tuned" / "npo"
+    assert compare.method_dir(contexts["npo"], "oracle") == compare.method_dir(plain, "oracle")
+    assert compare.method_dir(plain, "npo") == ctx.stage_dir("compare") / "npo"
+    saved = read_json(ctx.stage_dir("compare") / "tuned" / "selection.json")
+    assert saved == {"tune_git_commit": "abc1234", "tune_params_hash": "p0", "selection": selection}
+    notes = compare.selection_notes(ctx)
+    assert "- npo: point 1, {'beta': 0.5}" in notes and f"- ga: {NO_POINT_MEETS_FLOOR}" in notes
+    assert compare.selection_notes(plain) == ""
