@@ -1,6 +1,9 @@
-"""The stage lists the flows run are the stages dvc.yaml declares, and the main job never waits on a study."""
+"""The stage lists the flows run are the stages dvc.yaml declares, the main job never waits on a study, and
+no task module imports another."""
 
 from __future__ import annotations
+
+import ast
 
 import yaml
 
@@ -53,3 +56,29 @@ def test_dvc_watches_exactly_the_code_files_the_fingerprints_hash():
     for name, body in dvc_stages().items():
         code = [dep for dep in body["deps"] if dep.startswith(("codeunlearn/", "tasks/"))]
         assert code == dvc_code_deps(name), name
+
+
+# What every task module may import (docs/architecture.md, "tasks/"); none of them imports a task module.
+SHARED_TASK_MODULES = {"context", "tracking", "resume", "common", "stages"}
+
+
+def task_imports(path) -> set[str]:
+    """The ``tasks`` modules a file imports, by name (``from tasks import x``, ``from tasks.x import y``)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "tasks":
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tasks."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tasks.")}
+    return names
+
+
+def test_no_task_module_imports_another_and_the_shared_modules_import_no_task_module():
+    modules = {path.stem: path for path in (REPO_ROOT / "tasks").glob("*.py") if path.stem != "__init__"}
+    assert SHARED_TASK_MODULES <= set(modules)
+    for name, path in modules.items():
+        imported = task_imports(path) - {name}
+        assert imported <= SHARED_TASK_MODULES, f"tasks/{name}.py imports {sorted(imported - SHARED_TASK_MODULES)}"
+    assert task_imports(modules["stages"]) == set()  # plain data
