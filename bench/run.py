@@ -34,6 +34,7 @@ from codeunlearn.metrics.sets import evenly_spaced
 from codeunlearn.profiling import ResourceMeter
 from codeunlearn.report.leaderboard import leaderboard_rows
 from tasks.common import load_role, method_params
+from tasks.compare import SELECTION_FILE, TUNED_DIR
 from tasks.context import PARAMS_FILE, REPO_ROOT, RunContext, git_commit, make_context
 
 RESULTS = REPO_ROOT / "bench" / "results"
@@ -332,7 +333,7 @@ def leaderboard_payload(ctx: RunContext) -> dict[str, Any]:
         ("pipeline", ctx.stage_dir("eval") / "metrics.json", "pipeline_rows"),
         ("compare", ctx.stage_dir("compare") / "leaderboard.json", "rows"),
         # Each method at its tuned point, attacks included (``python -m flows.compare --tuned``).
-        ("tuned_compare", ctx.stage_dir("compare") / "tuned" / "leaderboard.json", "tuned_compare_rows"),
+        ("tuned_compare", ctx.stage_dir("compare") / TUNED_DIR / "leaderboard.json", "tuned_compare_rows"),
     )
     for part, path, key in parts:
         if not path.exists():
@@ -342,7 +343,7 @@ def leaderboard_payload(ctx: RunContext) -> dict[str, Any]:
         rows = read_json(path)
         payload[key] = leaderboard_rows(rows) if part == "pipeline" else rows
         payload[f"{part}_git_commit"] = read_json(run)["git_commit"] if run.exists() else None
-        if (selection := path.with_name("selection.json")).exists():
+        if (selection := path.with_name(SELECTION_FILE)).exists():
             payload[f"{part}_selection"] = read_json(selection)["selection"]
     tuned = ctx.stage_dir("tune") / "tune.json"
     if tuned.exists():
