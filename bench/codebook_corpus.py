@@ -6,7 +6,10 @@ trivia questions on broad topics (sampled), answers them with the target (greedy
 self-distillation pairs into the codebook's TOFU training set, trains a codebook exactly as the
 ``train_codebook`` stage does (same params, same seed), and scores the pipeline's evaluation suite:
 
-    python -m bench.codebook_corpus --outputs data/outputs --out /tmp/codebook_corpus.json
+    python -m bench.codebook_corpus --outputs data/outputs
+
+It writes ``bench/results/<profile>/codebook_corpus.json`` (or ``--out``) whole, stamped with commit,
+machine and load, and the codebook settings and arguments it ran with.
 
 The model without the general pairs is the pipeline's own codebook model (``eval/metrics.json``).
 """
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +25,9 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from bench.run import RESULTS, stamp
 from codeunlearn.data.records import QARecord
+from codeunlearn.io import write_json
 from codeunlearn.lm.generation import generate_answers
 from codeunlearn.lm.prompting import encode_prompt, left_pad_prompts
 from codeunlearn.methods.codeunlearn.train import CodebookLoss, Revival, train_codebook
@@ -102,7 +106,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--question-tokens", type=int, default=40)
     parser.add_argument("--steps", type=int, default=None, help="codebook steps (default: the profile's)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=None, help="default: bench/results/<profile>/codebook_corpus.json")
     args = parser.parse_args()
     ctx = make_context(args.profile, args.params, overrides={"paths": {"outputs": str(args.outputs.resolve())}})
     evaluate = ctx.settings["evaluate"]
@@ -144,20 +148,25 @@ def main() -> None:
     row = summarize(score_model(target.model, target.tokenizer, ctx.eval_sets(), ctx.eval_spec()), None)
     pipeline_row = json.loads((ctx.stage_dir("eval") / "metrics.json").read_text())["codebook"]
     keys = [k for k, v in row.items() if isinstance(v, float) and any(s in k for s in ("rouge", "prob", "utility"))]
-    result = {
-        "git_commit": ctx.git_commit,
-        "general_pairs": len(general),
-        "tofu_pairs": len(records),
-        "steps": training.steps,
-        "corpus_s": corpus_s,
-        "train_s": train_s,
-        "final_step": history[-1],
-        "with_general": {k: row[k] for k in keys},
-        "pipeline_codebook": {k: pipeline_row.get(k) for k in keys},
-        "load_average_1m": os.getloadavg()[0],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    result = stamp(
+        ctx,
+        {
+            "settings": {
+                "codebook": ctx.settings["codebook"],
+                "codebook_train": ctx.settings["codebook_train"],
+                "arguments": {k: v for k, v in vars(args).items() if k not in ("outputs", "params", "out")},
+            },
+            "general_pairs": len(general),
+            "tofu_pairs": len(records),
+            "steps": training.steps,
+            "corpus_s": corpus_s,
+            "train_s": train_s,
+            "final_step": history[-1],
+            "with_general": {k: row[k] for k in keys},
+            "pipeline_codebook": {k: pipeline_row.get(k) for k in keys},
+        },
+    )
+    write_json(args.out or RESULTS / ctx.profile / "codebook_corpus.json", result)
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
