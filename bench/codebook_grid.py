@@ -9,7 +9,8 @@ facts: ROUGE, Prob, truth ratio), each point in one decoding pass:
         --out bench/results/default/codebook_grid_residual.json
 
 A tuning aid for ``select.num_codes_to_disable`` / ``select.strength`` and the measurement that chose
-``codebook.mode``; the pipeline's evaluation is the number of record.
+``codebook.mode``; the pipeline's evaluation is the number of record. ``--out`` is written whole, stamped
+with commit, machine and load (``bench.run.stamp``) and the settings and arguments it ran with.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from bench.run import stamp
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.io import write_json
 from codeunlearn.methods.codeunlearn.codebook import CODEBOOK_SPEC, attach_codebook, load_codebook, save_codebook
@@ -136,19 +137,24 @@ def main() -> None:
                 unmask(bottleneck)
             rows.append(row)
             print(row, flush=True)
-    result = {
-        "profile": args.profile,
-        "mode": settings["codebook"]["mode"],
-        "git_commit": ctx.git_commit,
-        "fit_s": fit_s,
-        "final_fit": history[-1] if history else None,
-        "control_authors": select["control_authors"],
-        "eval_size": args.eval_size,
-        "rows": rows,
-        "load_average_1m": os.getloadavg()[0],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    result = stamp(
+        ctx,
+        {
+            "mode": settings["codebook"]["mode"],
+            "settings": {
+                "codebook": settings["codebook"],
+                "codebook_train": settings["codebook_train"],
+                "select": select,
+                "arguments": {k: v for k, v in vars(args).items() if k not in ("outputs", "params", "out", "codebook")},
+            },
+            "fit_s": fit_s,
+            "final_fit": history[-1] if history else None,
+            "control_authors": select["control_authors"],
+            "eval_size": args.eval_size,
+            "rows": rows,
+        },
+    )
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
