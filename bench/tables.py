@@ -216,6 +216,31 @@ def passage_request_table(payload: dict[str, Any]) -> str:
     return markdown_table(["figure", "before", "after", "after / before", "bar"], rows) + "\n\n" + facts
 
 
+def equal_forgetting_table(payload: dict[str, Any]) -> str:
+    """CodeUnlearn's request and NPO's unlearning step at the grid points that forget alike
+    (``python -m bench.equal_forgetting``), each beside its utility: a point that forgets by breaking the
+    model is no win."""
+    rows = []
+    for method, seconds, runs in (("codeunlearn", "request_s", "request_runs_s"), ("npo", "s", "runs_s")):
+        entry = payload[method]
+        params = " ".join(f"{k}={v}" for k, v in entry["params"].items())
+        reaches = "" if method == "codeunlearn" else f" (reaches: {entry['reaches']})"
+        rows.append(
+            [
+                method,
+                f"point {entry['index']}, {params}{reaches}",
+                fmt(entry["forget_rouge"]),
+                fmt(entry["model_utility"]),
+                fmt(entry["retain_rouge"]),
+                fmt(entry[seconds]),
+                ", ".join(f"{run:.1f}" for run in entry[runs]),
+            ]
+        )
+    header = ["method", "grid point", "forget ROUGE", "model utility", "retain ROUGE", "median s", "runs (s)"]
+    ratio = payload["npo_s_over_codeunlearn_request_s"]
+    return markdown_table(header, rows) + f"\n\nNPO's step over CodeUnlearn's request: {ratio:.1f}x. {payload['what']}."
+
+
 def tables(profile: str) -> str:
     out = RESULTS / profile
     parts = [
@@ -224,6 +249,11 @@ def tables(profile: str) -> str:
             "Where a cold request's time goes (`python -m bench.request_profile`)",
             out / "request_profile.json",
             request_profile_table,
+        ),
+        *section(
+            "Speed at equal forgetting (`python -m bench.equal_forgetting`)",
+            out / "equal_forgetting.json",
+            equal_forgetting_table,
         ),
         *section("Codebook overhead", out / "overhead.json", lambda p: key_value_table(p, OVERHEAD_KEYS)),
         *section("Leaderboard", out / "leaderboard.json", leaderboard_tables),

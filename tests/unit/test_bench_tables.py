@@ -123,3 +123,39 @@ def test_the_tuned_comparison_rows_show_beside_the_literature_settings_with_thei
     text = tables.tables("default")
     assert "Tuned comparison (`python -m flows.compare --tuned`, commit tuned33333)" in text
     assert "| rmu | 0.900 |" in text and "| rmu | 0.050 |" in text and "| 0.400 |" in text
+
+
+def test_the_equal_forgetting_table_times_both_methods_beside_their_forgetting_and_utility(tmp_path, monkeypatch):
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "bench" / "results")
+    point = {"forget_rouge": 0.2, "model_utility": 0.3, "retain_rouge": 0.85}
+    payload = {
+        "what": "npo's method call at the grid point forgetting as much as codeunlearn's selected point",
+        "codeunlearn": {
+            "index": 5,
+            "params": {"strength": 8.0},
+            **point,
+            "request_s": 2.0,
+            "request_runs_s": [2.0, 2.5, 1.5],
+        },
+        "npo": {
+            "index": 6,
+            "params": {"lr": 5e-05, "steps": 40},
+            **point,
+            "reaches": True,
+            "s": 300.0,
+            "runs_s": [300.0, 310.0, 290.0],
+            "steps": 40,
+        },
+        "npo_s_over_codeunlearn_request_s": 150.0,
+        "machine": MACHINE,
+        "git_commit": "equal4444444",
+    }
+    write_json(tables.RESULTS / "default" / "equal_forgetting.json", payload)
+    text = tables.tables("default")
+    assert "| codeunlearn | point 5, strength=8.0 | 0.200 | 0.300 | 0.850 | 2.000 | 2.0, 2.5, 1.5 |" in text
+    assert (
+        "| npo | point 6, lr=5e-05 steps=40 (reaches: True) | 0.200 | 0.300 | 0.850 | 300.000 | 300.0, 310.0, 290.0 |"
+        in text
+    )
+    assert "NPO's step over CodeUnlearn's request: 150.0x." in text
+    assert "commit equal44444" in text
