@@ -8,14 +8,13 @@ beside the literature settings', and share the oracle's and target's evaluations
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NONE
 
-from codeunlearn.config import deep_merge, settings_hash
+from codeunlearn.config import settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.eval.suite import Suite
 from codeunlearn.eval.tune import SELECTED
@@ -26,12 +25,11 @@ from codeunlearn.report.leaderboard import leaderboard_rows, to_csv, to_markdown
 from codeunlearn.report.plots import leaderboard_plot
 from tasks import tracking
 from tasks.common import build_suite, deploy, load_role, run_method
-from tasks.context import RunContext, torch_threads
+from tasks.context import TUNE_SUMMARY, RunContext, torch_threads
 from tasks.resume import fingerprint
 
 REFERENCES = ("target", "oracle")  # scored once, whatever params the methods run with
 TUNED_DIR = "tuned"
-TUNE_SUMMARY = ("tune", "tune.json")  # flows.tune's summary: stage folder, file
 SELECTION_FILE = "selection.json"
 
 
@@ -53,7 +51,7 @@ def tuned_contexts(ctx: RunContext, methods: list[str]) -> dict[str, RunContext]
     """Each method's context with its tuned point's params set in its params block. A method whose grid
     has no point at the utility floor is left out and says so; one the summary never tuned is an error.
     Writes ``compare/tuned/selection.json``: which point each method runs, and from which tuning."""
-    path = ctx.stage_dir(TUNE_SUMMARY[0]) / TUNE_SUMMARY[1]
+    path = ctx.out_dir / TUNE_SUMMARY
     if not path.exists():
         raise FileNotFoundError(f"{path}: no tuning summary; run python -m flows.tune --profile {ctx.profile} first")
     summary = read_json(path)
@@ -66,8 +64,7 @@ def tuned_contexts(ctx: RunContext, methods: list[str]) -> dict[str, RunContext]
         if chosen["status"] != SELECTED:
             logging.getLogger(__name__).warning("%s: left out of the tuned comparison (%s)", method, chosen["status"])
             continue
-        override = get_method(method).params_override(chosen["params"])
-        contexts[method] = replace(ctx, settings=deep_merge(ctx.settings, override))
+        contexts[method] = ctx.with_method_params(method, chosen["params"])
     record = {"tune_git_commit": summary["git_commit"], "tune_params_hash": summary["params_hash"]}
     write_json(leaderboard_dir(ctx) / SELECTION_FILE, {**record, "selection": selection})
     return contexts

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from codeunlearn.config import load_settings, profile_outputs, settings_hash
+from codeunlearn.config import deep_merge, load_settings, profile_outputs, settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.data.splits import split_retain_by_author
 from codeunlearn.data.tofu import load_tofu_file
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILE = REPO_ROOT / "params.yaml"
+# flows.tune's summary under the run's outputs: each method's grid and selected point (tasks/tune.py writes
+# it, the tuned comparison and the benches read it).
+TUNE_SUMMARY = Path("tune") / "tune.json"
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
@@ -159,6 +162,10 @@ class RunContext:
         """A method's params block (where the method keeps it), with the run's seed and progress flag."""
         block = get_method(method).params(self.settings)
         return {**block, "seed": self.settings["seed"], "progress": self.progress, "provenance": provenance}
+
+    def with_method_params(self, method: str, params: dict[str, Any]) -> RunContext:
+        """This run with ``params`` set in ``method``'s params block: a tuning point, a tuned comparison."""
+        return replace(self, settings=deep_merge(self.settings, get_method(method).params_override(params)))
 
     def with_parent(self, run_id: str | None) -> RunContext:
         return replace(self, parent_run_id=run_id)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from codeunlearn.codehash import files_hash, module_closure
-from codeunlearn.config import deep_merge, settings_hash
+from codeunlearn.config import settings_hash
 from codeunlearn.data.records import read_jsonl_records
 from codeunlearn.eval.suite import Suite
 from codeunlearn.eval.tune import (
@@ -36,10 +35,9 @@ from codeunlearn.report.leaderboard import leaderboard_rows
 from codeunlearn.report.plots import tune_frontier_plot
 from tasks import tracking
 from tasks.common import deploy, run_method
-from tasks.context import REPO_ROOT, RunContext, torch_threads
+from tasks.context import REPO_ROOT, TUNE_SUMMARY, RunContext, torch_threads
 from tasks.resume import NOT_RESULTS, fingerprint
 
-TUNE_FILE = "tune.json"
 FRONTIER_FILE = "frontier.png"
 RENDERING = REPO_ROOT / "codeunlearn" / "report"  # the library's folder that only renders results
 # Importing the methods package registers every method; a point runs only its own (and what that imports).
@@ -51,7 +49,7 @@ def tune_settings(ctx: RunContext) -> dict[str, Any]:
 
 
 def tune_dir(ctx: RunContext) -> Path:
-    return ctx.stage_dir("tune")
+    return ctx.out_dir / TUNE_SUMMARY.parent
 
 
 def method_grid(ctx: RunContext, method: str) -> list[dict[str, Any]]:
@@ -66,7 +64,7 @@ def method_grid(ctx: RunContext, method: str) -> list[dict[str, Any]]:
 
 def point_context(ctx: RunContext, method: str, params: dict[str, Any]) -> RunContext:
     """The run's context with the point's params set in the method's params block."""
-    return replace(ctx, settings=deep_merge(ctx.settings, get_method(method).params_override(params)))
+    return ctx.with_method_params(method, params)
 
 
 def point_code_files(method: str) -> tuple[Path, ...]:
@@ -197,12 +195,12 @@ def tune_summary(
     """Write ``tune/tune.json``, ``tune/leaderboard.md`` and the frontier plot; log them to MLflow."""
     summary = summarize_tune(ctx, points, target, oracle, methods)
     out = tune_dir(ctx)
-    write_json(out / TUNE_FILE, summary)
+    write_json(out / TUNE_SUMMARY.name, summary)
     atomic_write_text(out / "leaderboard.md", selection_table(summary["leaderboard"]))
     tune_frontier_plot(summary, out / FRONTIER_FILE)
     with tracking.stage_run(ctx, "tune_summary"):
         for row in summary["leaderboard"]:
             tracking.log_metrics({f"{row['method']}.{k}": v for k, v in row.items() if k != "point"})
-        for name in (TUNE_FILE, "leaderboard.md", FRONTIER_FILE):
+        for name in (TUNE_SUMMARY.name, "leaderboard.md", FRONTIER_FILE):
             tracking.log_artifacts(out / name, "tune")
     return summary
